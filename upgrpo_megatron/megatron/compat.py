@@ -1,0 +1,184 @@
+"""CPU / gloo compatibility layer for megatron-core 0.16.1, and Transformer Engine / apex detection.
+
+megatron-core assumes CUDA in a handful of places that have nothing to do with the math. On a machine
+without CUDA, `apply_cpu_patches()` fixes exactly these, and nothing else:
+
+1. `torch.cuda.current_device()` (RoPE frequencies, attention softmax offsets) raises on a CPU-only torch:
+   it is made to return "cpu", which every such call site passes on as a `device=` argument.
+2. The default causal mask is built with `device="cuda"` (`fused_softmax.get_default_causal_mask`): it is
+   rebuilt on the CPU.
+3. The model-parallel RNG tracker (`model_parallel_cuda_manual_seed`, `get_cuda_rng_tracker().fork()`) reads
+   and writes the CUDA generator: it is mapped to the CPU default generator, which is the one CPU kernels
+   (dropout, init) draw from, so forking keeps its meaning (a separate stream per model-parallel rank).
+4. `moe_utils.te_general_gemm` is referenced by the router but only defined when Transformer Engine imports:
+   it is defined as None (the router then uses its torch matmul path).
+5. megatron's optimizer (`FP32Optimizer`), grad-norm clipping and its local multi-tensor L2 norm
+   allocate scalars with `device="cuda"`: those three modules see a `torch` whose tensor factories map "cuda"
+   to the CPU; and gradient clipping, which asserts CUDA grads, is the same scaling without the assert.
+6. TP > 1 with MoE requires sequence parallelism, and the local spec's `WrappedTorchNorm` refuses it: that is
+   not a patch but `SequenceParallelRMSNorm` in `model.py`, put in every norm slot of the local spec.
+
+Also a choice rather than a patch: the "alltoall" token dispatcher creates a `torch.cuda.Stream()` at
+construction, so on CPU `model.py` selects the "allgather" dispatcher.
+
+When CUDA is available, `apply_cpu_patches()` returns without touching anything (it is inert by
+construction: every patch is guarded by `torch.cuda.is_available()`). This cannot be tested on these
+CPU-only machines, which is why the layer is kept this small and every patch is listed above.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import warnings
+
+import torch
+
+_PATCHED = False
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def have_transformer_engine() -> bool:
+    """True when Transformer Engine imports and CUDA is present (TE kernels are CUDA-only)."""
+    if not cuda_available() or importlib.util.find_spec("transformer_engine") is None:
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # a broken TE install must not stop training on the local spec
+        return False
+    return True
+
+
+def have_apex() -> bool:
+    """True when NVIDIA apex (not the unrelated PyPI `apex`) provides fused layer norm."""
+    if importlib.util.find_spec("apex") is None:
+        return False
+    return importlib.util.find_spec("apex.normalization") is not None
+
+
+def quiet_megatron_import_warnings() -> None:
+    """megatron-core warns at import that TE/apex are missing; on CPU that is expected, not news."""
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
+    warnings.filterwarnings("ignore", message=".*Transformer Engine is not installed.*")
+    warnings.filterwarnings("ignore", message=".*legacy GroupedMLP.*")
+
+
+class _DropCpuRngWarning(logging.Filter):
+    # The tracker's fork() warns when the CPU RNG moves inside a "GPU" RNG context; with patch 3 the CPU
+    # generator *is* the forked generator, so the warning is expected and says nothing.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+
+
+def apply_cpu_patches() -> bool:
+    """Apply the patches listed in the module docstring when CUDA is absent. Idempotent.
+
+    Returns True when patches are in effect.
+    """
+    global _PATCHED
+    if cuda_available():
+        return False
+    if _PATCHED:
+        return True
+    quiet_megatron_import_warnings()
+
+    # 1. current_device() -> "cpu"
+    torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
+
+    # 2. default causal mask on the CPU
+    import megatron.core.fusions.fused_softmax as fused_softmax
+    import megatron.core.transformer.utils as transformer_utils
+
+    def get_default_causal_mask(sq: int) -> torch.Tensor:
+        return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+    transformer_utils.get_default_causal_mask = get_default_causal_mask
+    fused_softmax.get_default_causal_mask = get_default_causal_mask
+
+    # 3. RNG tracker on the CPU generator
+    import megatron.core.tensor_parallel.random as mrandom
+
+    def _get_rng_state(device="cuda", clone=False, graph_safe=False):
+        return torch.get_rng_state()
+
+    def _set_rng_state(new_state, device=-1, graph_safe=False):
+        torch.set_rng_state(new_state)
+
+    def _tracker_add(self, name, seed):
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise Exception(f"seed {seed} already exists")
+        self.seeds_.add(seed)
+        if name in self.states_:
+            raise Exception(f"rng state {name} already exists")
+        orig = torch.get_rng_state()
+        torch.manual_seed(seed)
+        self.states_[name] = torch.get_rng_state()
+        torch.set_rng_state(orig)
+
+    mrandom._get_cuda_rng_state = _get_rng_state
+    mrandom._set_cuda_rng_state = _set_rng_state
+    mrandom.CudaRNGStatesTracker.add = _tracker_add
+    logging.getLogger(mrandom.__name__).addFilter(_DropCpuRngWarning())
+
+    # 4. te_general_gemm referenced without Transformer Engine
+    import megatron.core.transformer.moe.moe_utils as moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+    # 5. megatron's optimizer and grad clipping allocate scalars with device="cuda"
+    import megatron.core.optimizer.clip_grads as clip_grads
+    import megatron.core.optimizer.optimizer as moptimizer
+
+    import megatron.core.utils as mutils
+
+    for module in (clip_grads, moptimizer, mutils):
+        module.torch = _CpuDeviceTorch()
+
+    @torch.no_grad()
+    def clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+        # megatron's version asserts `torch.cuda.FloatTensor` grads; the scaling itself is the same.
+        clip_coeff = max_norm / (total_norm + 1.0e-6)
+        if clip_coeff < 1.0:
+            attr = "decoupled_grad" if use_decoupled_grad else "grad"
+            for p in parameters:
+                g = getattr(p, attr, None)
+                if g is not None:
+                    g.mul_(clip_coeff)
+
+    moptimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+
+    _PATCHED = True
+    return True
+
+
+class _CpuDeviceTorch:
+    """`torch` as seen by one megatron module, with tensor factories' device="cuda" mapped to the CPU."""
+
+    _FACTORIES = ("tensor", "zeros", "ones", "empty", "full")
+
+    def __getattr__(self, name):
+        attr = getattr(torch, name)
+        if name not in self._FACTORIES:
+            return attr
+
+        def factory(*args, **kwargs):
+            if str(kwargs.get("device", "")).startswith("cuda"):
+                kwargs["device"] = "cpu"
+            return attr(*args, **kwargs)
+
+        return factory
+
+
+def default_backend() -> str:
+    return "nccl" if cuda_available() else "gloo"
+
+
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if cuda_available() else torch.device("cpu")

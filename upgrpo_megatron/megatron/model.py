@@ -1,0 +1,238 @@
+"""A Qwen3-MoE-shaped (or Qwen2-MoE-shaped) megatron-core `GPTModel`, built from the recipe's model section.
+
+Qwen3-MoE in Megatron terms: RMSNorm everywhere, q/k RMSNorm per head, grouped-query attention, RoPE,
+SwiGLU experts (fused gate/up in `linear_fc1`), a softmax top-k router whose top-k probabilities are
+renormalised (Megatron: top-k on the logits, softmax over the k — identical to HF's `norm_topk_prob=True`),
+no biases, untied embeddings, optionally dense first layers. Qwen2-MoE adds QKV bias and a shared expert
+with a sigmoid gate.
+
+The layer spec is chosen once: Transformer Engine's when TE and CUDA are present, otherwise megatron-core's
+local spec with `SequenceParallelRMSNorm` in every norm slot, so that TP > 1 (which MoE requires to run with
+sequence parallelism) works on CPU/gloo. Everything else is identical between the two.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from upgrpo_megatron.megatron import compat
+
+compat.apply_cpu_patches()
+
+from megatron.core.models.gpt import GPTModel  # noqa: E402
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec  # noqa: E402
+from megatron.core.transformer import TransformerConfig  # noqa: E402
+from megatron.core.transformer.enums import AttnBackend  # noqa: E402
+from megatron.core.transformer.spec_utils import ModuleSpec  # noqa: E402
+
+
+class SequenceParallelRMSNorm(torch.nn.Module):
+    """RMSNorm whose weight is marked `sequence_parallel` so megatron all-reduces its gradient over TP.
+
+    Computes like HF's Qwen3RMSNorm: variance in fp32, result cast back, then scaled by the weight.
+    Used for the layer norms, the final norm and the per-head q/k norms (megatron all-reduces q/k-norm
+    gradients over TP by name, see `finalize_model_grads`).
+    """
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-6, **_: Any):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(
+            torch.ones(hidden_size, dtype=config.params_dtype, device=compat.device())
+        )
+        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the rest of the code needs to know about the model, independent of parallelism."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_query_groups: int
+    head_dim: int
+    ffn_hidden_size: int
+    moe_ffn_hidden_size: int
+    num_experts: int
+    topk: int
+    first_k_dense_layers: int
+    shared_expert_ffn_hidden_size: int = 0
+
+    @property
+    def moe_layers(self) -> list[int]:
+        """0-based indices of the MoE layers (the dense first layers have no router)."""
+        return list(range(self.first_k_dense_layers, self.num_layers))
+
+
+def model_shape(model_cfg: Any) -> ModelShape:
+    g = lambda k, d=0: getattr(model_cfg, k, d) if not isinstance(model_cfg, dict) else model_cfg.get(k, d)  # noqa: E731
+    return ModelShape(
+        architecture=g("architecture", "qwen3_moe"),
+        vocab_size=int(g("vocab_size")),
+        hidden_size=int(g("hidden_size")),
+        num_layers=int(g("num_layers")),
+        num_attention_heads=int(g("num_attention_heads")),
+        num_query_groups=int(g("num_query_groups")),
+        head_dim=int(g("head_dim")),
+        ffn_hidden_size=int(g("ffn_hidden_size")),
+        moe_ffn_hidden_size=int(g("moe_ffn_hidden_size")),
+        num_experts=int(g("num_experts")),
+        topk=int(g("moe_router_topk")),
+        first_k_dense_layers=int(g("first_k_dense_layers", 0) or 0),
+        shared_expert_ffn_hidden_size=int(g("shared_expert_ffn_hidden_size", 0) or 0),
+    )
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}[name]
+
+
+def build_transformer_config(
+    model_cfg: Any,
+    *,
+    tp: int = 1,
+    ep: int = 1,
+    etp: int = 1,
+    sequence_parallel: bool = False,
+    dtype: str = "fp32",
+    router_replay: bool = True,
+) -> TransformerConfig:
+    """The single place where the recipe's model section becomes a megatron `TransformerConfig`."""
+    s = model_shape(model_cfg)
+    get = lambda k, d=None: getattr(model_cfg, k, d) if not isinstance(model_cfg, dict) else model_cfg.get(k, d)  # noqa: E731
+    params_dtype = _dtype(dtype)
+    on_gpu = compat.cuda_available()
+    moe_layer_freq = [0] * s.first_k_dense_layers + [1] * (s.num_layers - s.first_k_dense_layers)
+    aux = float(get("moe_aux_loss_coeff", 0.0) or 0.0)
+    qwen2 = s.architecture == "qwen2_moe"
+    kwargs = dict(
+        num_layers=s.num_layers,
+        hidden_size=s.hidden_size,
+        num_attention_heads=s.num_attention_heads,
+        num_query_groups=s.num_query_groups,
+        kv_channels=s.head_dim,
+        ffn_hidden_size=s.ffn_hidden_size,
+        # attention / MLP shape
+        normalization="RMSNorm",
+        layernorm_epsilon=float(get("norm_epsilon", 1e-6)),
+        qk_layernorm=not qwen2,
+        add_bias_linear=False,
+        add_qkv_bias=qwen2,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=float(get("init_std", 0.02)),
+        # MoE
+        num_moe_experts=s.num_experts,
+        moe_ffn_hidden_size=s.moe_ffn_hidden_size,
+        moe_router_topk=s.topk,
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=False,  # top-k then softmax over k == HF norm_topk_prob=True
+        moe_router_load_balancing_type="aux_loss" if aux > 0 else "none",
+        moe_aux_loss_coeff=aux,
+        moe_router_dtype="fp32",
+        moe_layer_freq=moe_layer_freq,
+        moe_token_dispatcher_type="alltoall" if on_gpu else "allgather",
+        moe_grouped_gemm=False,
+        moe_permute_fusion=False,
+        moe_enable_routing_replay=router_replay,
+        # parallelism
+        tensor_model_parallel_size=tp,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
+        sequence_parallel=sequence_parallel,
+        pipeline_model_parallel_size=1,
+        # numerics / kernels
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        pipeline_dtype=params_dtype,
+        use_cpu_initialization=not on_gpu,
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        attention_softmax_in_fp32=True,
+        attention_backend=AttnBackend.auto if compat.have_transformer_engine() else AttnBackend.local,
+    )
+    if qwen2 and s.shared_expert_ffn_hidden_size:
+        kwargs.update(
+            moe_shared_expert_intermediate_size=s.shared_expert_ffn_hidden_size,
+            moe_shared_expert_gate=True,
+            moe_shared_expert_overlap=False,
+        )
+    return TransformerConfig(**kwargs)
+
+
+def _local_block_spec(config: TransformerConfig):
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
+    spec = copy.deepcopy(spec)
+    norm = ModuleSpec(module=SequenceParallelRMSNorm)
+    for layer in spec.layer_specs:
+        sub = layer.submodules
+        sub.input_layernorm = norm
+        sub.pre_mlp_layernorm = norm
+        attn = sub.self_attention.submodules
+        if config.qk_layernorm:
+            attn.q_layernorm = norm
+            attn.k_layernorm = norm
+    spec.layer_norm = norm
+    return spec
+
+
+def build_gpt_model(
+    model_cfg: Any,
+    config: Optional[TransformerConfig] = None,
+    **config_kwargs: Any,
+) -> GPTModel:
+    """Build the Qwen-MoE-shaped GPTModel on this rank (parallel_state must be initialised).
+
+    Args:
+        model_cfg: the recipe's `model` section (dataclass or dict).
+        config: a prebuilt TransformerConfig; otherwise built with `build_transformer_config(**config_kwargs)`.
+    """
+    if config is None:
+        config = build_transformer_config(model_cfg, **config_kwargs)
+    s = model_shape(model_cfg)
+    get = lambda k, d=None: getattr(model_cfg, k, d) if not isinstance(model_cfg, dict) else model_cfg.get(k, d)  # noqa: E731
+    if compat.have_transformer_engine():
+        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=True, normalization="RMSNorm")
+    else:
+        spec = _local_block_spec(config)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=s.vocab_size,
+        max_sequence_length=int(get("max_position_embeddings", 4096)),
+        pre_process=True,
+        post_process=True,
+        parallel_output=True,
+        share_embeddings_and_output_weights=bool(get("tie_word_embeddings", False)),
+        position_embedding_type="rope",
+        rotary_base=int(float(get("rope_theta", 1e6))),
+    )
+    # megatron-core 0.16 marks expert weights as dense (`allreduce=True`) when EP == 1, so DDP reduces them
+    # over the dense DP group only; with ETP < TP the experts are replicated over TP ranks that each saw a
+    # different sequence shard, and their gradients must be summed over the expert-DP group, which spans
+    # those TP ranks. Expert weights always belong to the expert-DP group: say so on every layout (for
+    # EP == 1 and ETP == TP the two groups coincide and nothing changes).
+    for name, p in model.named_parameters():
+        if ".mlp.experts." in name:
+            p.allreduce = False
+    return model.to(compat.device())

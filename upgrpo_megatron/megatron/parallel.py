@@ -1,0 +1,80 @@
+"""Process groups: torch.distributed + megatron `parallel_state` from a validated parallel layout.
+
+Works the same under `torchrun` (RANK/WORLD_SIZE/MASTER_ADDR in the environment) and as a plain single
+process (a world of one on a private TCP store), so tools and tests need no launcher for one rank.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from upgrpo_megatron.megatron import compat
+
+compat.apply_cpu_patches()
+
+from megatron.core import parallel_state  # noqa: E402
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed  # noqa: E402
+
+
+@dataclass(frozen=True)
+class ParallelSizes:
+    tp: int = 1
+    ep: int = 1
+    etp: int = 1
+    pp: int = 1
+    sequence_parallel: bool = False
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> tuple[int, int]:
+    """Initialise the default process group once; returns (rank, world_size)."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if backend == "auto":
+        backend = compat.default_backend()
+    if "RANK" not in os.environ:  # a plain `python` process: a world of one
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ["RANK"] = "0"
+        os.environ["WORLD_SIZE"] = "1"
+        os.environ.setdefault("LOCAL_RANK", "0")
+    if compat.cuda_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def init_model_parallel(sizes: ParallelSizes, seed: int = 1234, backend: str = "auto") -> None:
+    """Create megatron's TP/EP/DP groups and seed the model-parallel RNG streams."""
+    init_distributed(backend)
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=sizes.tp,
+        pipeline_model_parallel_size=sizes.pp,
+        expert_model_parallel_size=sizes.ep,
+        expert_tensor_parallel_size=sizes.etp,
+        create_gloo_process_groups=not compat.cuda_available(),
+    )
+    # megatron seeds the CUDA generator only (a no-op without CUDA): seed the CPU one too, identically on
+    # every rank, so replicated parameters start equal; the tracker then forks per-TP/EP-rank streams.
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def destroy() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
