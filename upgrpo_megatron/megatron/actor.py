@@ -1,0 +1,248 @@
+"""The Megatron-Core actor: old log-probs with routing capture, and the policy update.
+
+A batch is a dict of tensors for this data-parallel rank's share of the step (verl's DataProto in spirit):
+    input_ids       [batch, seq]            prompt + response, right-padded (each row starts at position 0)
+    prompt_lens     [batch]                 where each row's response starts
+    response_mask   [batch, response_len]   1 on real response tokens
+    advantages      [batch, response_len]
+    old_log_prob    [batch, response_len]   (written by `compute_log_prob`)
+    routing         [batch, response_len, moe_layers, topk]   trainer routing at pi_old (RouterReplay RECORD)
+    rollout_routing [batch, response_len, moe_layers, topk]   optional, from the rollout engine (R3)
+Response token t of row i is scored by the logits at input position prompt_lens[i] - 1 + t; its routing is
+the routing of input position prompt_lens[i] + t (the position that holds the token).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from upgrpo_megatron.megatron import compat
+
+compat.apply_cpu_patches()
+
+from megatron.core import parallel_state as ps  # noqa: E402
+from megatron.core.distributed import (  # noqa: E402
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # noqa: E402
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler  # noqa: E402
+from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction  # noqa: E402
+
+from upgrpo_megatron.megatron.logprobs import sequence_log_probs  # noqa: E402
+from upgrpo_megatron.megatron.model import build_gpt_model, model_shape  # noqa: E402
+
+Batch = Dict[str, torch.Tensor]
+
+
+@dataclass
+class OptimSettings:
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.999)
+    grad_clip: float = 1.0
+    lr_warmup_steps: int = 0
+    lr_schedule: str = "constant"  # constant | cosine
+    total_steps: int = 1
+
+
+def _get(cfg, key, default=None):
+    return cfg.get(key, default) if isinstance(cfg, dict) else getattr(cfg, key, default)
+
+
+class MegatronActor:
+    """Owns the (DDP-wrapped) GPTModel, megatron's optimizer and LR schedule on this rank."""
+
+    def __init__(self, model_cfg, *, tp=1, ep=1, etp=1, sequence_parallel=False, dtype="fp32",
+                 optim: Optional[OptimSettings] = None):
+        # Router replay instances are global in megatron: start from a clean list for this model.
+        RouterReplay.clear_global_router_replay_instances()
+        self.model_cfg = model_cfg
+        self.shape = model_shape(model_cfg)
+        self.tp = tp
+        self.sequence_parallel = sequence_parallel
+        self.module = build_gpt_model(model_cfg, tp=tp, ep=ep, etp=etp, sequence_parallel=sequence_parallel,
+                                      dtype=dtype)
+        self.model = DistributedDataParallel(
+            self.module.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), self.module
+        )
+        self.model.broadcast_params()  # replicated weights start equal on every data-parallel rank
+        self.optim = optim or OptimSettings()
+        o = self.optim
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+                adam_beta1=o.betas[0], adam_beta2=o.betas[1], clip_grad=o.grad_clip,
+                bf16=dtype in ("bf16", "bfloat16"), params_dtype=self.module.config.params_dtype,
+            ),
+            [self.model],
+        )
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0 if o.lr_warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
+            lr_warmup_steps=o.lr_warmup_steps, lr_decay_steps=max(o.total_steps, o.lr_warmup_steps + 1),
+            lr_decay_style="constant" if o.lr_schedule == "constant" else "cosine",
+            start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=1, wd_incr_style="constant",
+        )
+        self.num_moe_layers = len(RouterReplay.global_router_replay_instances)
+
+    # ------------------------------------------------------------------ forward
+    def _pad_seq(self, ids: torch.Tensor) -> torch.Tensor:
+        mult = self.tp if self.sequence_parallel else 1
+        pad = (-ids.shape[1]) % mult
+        return torch.nn.functional.pad(ids, (0, pad)) if pad else ids
+
+    def _replay_indices(self, routing_full: torch.Tensor) -> List[torch.Tensor]:
+        """[batch, seq, layers, k] -> per layer this rank's [seq_local * batch, k] in megatron token order."""
+        r = routing_full.permute(1, 0, 2, 3)  # [seq, batch, layers, k]: megatron is sequence-first
+        if self.sequence_parallel and self.tp > 1:
+            r = torch.chunk(r, self.tp, dim=0)[ps.get_tensor_model_parallel_rank()]
+        return [r[:, :, layer].reshape(-1, r.shape[-1]).contiguous() for layer in range(r.shape[2])]
+
+    def _recorded_routing(self, batch: int, seq: int) -> torch.Tensor:
+        """Recorded top-k per MoE layer -> [batch, seq, layers, k]."""
+        per_layer = []
+        for rec in RouterReplay.get_recorded_data():
+            idx = rec.view(-1, batch, rec.shape[-1])  # [seq_local, batch, k]
+            if self.sequence_parallel and self.tp > 1:
+                parts = [torch.empty_like(idx) for _ in range(self.tp)]
+                dist.all_gather(parts, idx.contiguous(), group=ps.get_tensor_model_parallel_group())
+                idx = torch.cat(parts, dim=0)
+            per_layer.append(idx[:seq])
+        return torch.stack(per_layer, dim=2).transpose(0, 1).contiguous()  # [batch, seq, layers, k]
+
+    def forward(self, input_ids: torch.Tensor, prompt_lens: torch.Tensor, response_len: int, *,
+                record_routing: bool = False, replay_routing: Optional[torch.Tensor] = None):
+        """Log-prob and entropy of each response token, and optionally the trainer's routing.
+
+        Args:
+            input_ids: `[batch, seq]`; prompt_lens: `[batch]`; response_len: R.
+            replay_routing: `[batch, seq, moe_layers, k]` expert ids to replay (RouterReplay REPLAY_FORWARD).
+        Returns:
+            log_prob `[batch, R]`, entropy `[batch, R]`, routing `[batch, R, moe_layers, k]` or None.
+        """
+        b, s = input_ids.shape
+        ids = self._pad_seq(input_ids)
+        pos = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0).expand_as(ids)
+        if replay_routing is not None:
+            rr = torch.nn.functional.pad(replay_routing, (0, 0, 0, 0, 0, ids.shape[1] - s))
+            RouterReplay.set_replay_data(self._replay_indices(rr))
+            RouterReplay.set_global_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
+        elif record_routing:
+            RouterReplay.set_global_router_replay_action(RouterReplayAction.RECORD)
+        try:
+            logits = self.model(ids, pos, None)
+        finally:
+            routing_full = self._recorded_routing(b, ids.shape[1]) if record_routing and replay_routing is None else None
+            RouterReplay.clear_global_router_replay_action()
+            RouterReplay.clear_global_indices()
+        lp_all, ent_all = sequence_log_probs(logits, ids)  # [batch, seq_padded - 1]
+        t = torch.arange(response_len, device=ids.device)
+        score_pos = (prompt_lens.unsqueeze(1) - 1 + t).clamp(0, lp_all.shape[1] - 1)
+        log_prob = lp_all.gather(1, score_pos)
+        entropy = ent_all.gather(1, score_pos)
+        routing = None
+        if routing_full is not None:
+            tok_pos = (prompt_lens.unsqueeze(1) + t).clamp(0, s - 1)
+            idx = tok_pos[:, :, None, None].expand(-1, -1, routing_full.shape[2], routing_full.shape[3])
+            routing = routing_full[:, :s].gather(1, idx)
+        return log_prob, entropy, routing
+
+    # ------------------------------------------------------------------ old log-probs
+    @torch.no_grad()
+    def compute_log_prob(self, batch: Batch, micro_batch_size: int, *, record_routing: bool = True,
+                         replay_key: Optional[str] = None) -> Batch:
+        """pi_old pass: log-prob, entropy and (RECORD) routing for every response token, micro-batched."""
+        self.model.eval()
+        out: Dict[str, list] = {"log_prob": [], "entropy": [], "routing": []}
+        R = batch["response_mask"].shape[1]
+        for sl in _slices(batch["input_ids"].shape[0], micro_batch_size):
+            replay = batch[replay_key][sl] if replay_key else None
+            lp, ent, routing = self.forward(batch["input_ids"][sl], batch["prompt_lens"][sl], R,
+                                            record_routing=record_routing, replay_routing=replay)
+            out["log_prob"].append(lp)
+            out["entropy"].append(ent)
+            if routing is not None:
+                out["routing"].append(routing)
+        return {k: torch.cat(v) for k, v in out.items() if v}
+
+    @torch.no_grad()
+    def full_routing(self, input_ids: torch.Tensor, micro_batch_size: int) -> torch.Tensor:
+        """Trainer routing of every input position, `[batch, seq, moe_layers, k]` (R2/R3 replay tensors)."""
+        self.model.eval()
+        parts = []
+        for sl in _slices(input_ids.shape[0], micro_batch_size):
+            ids = self._pad_seq(input_ids[sl])
+            pos = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
+            RouterReplay.set_global_router_replay_action(RouterReplayAction.RECORD)
+            try:
+                self.model(ids, pos, None)
+                parts.append(self._recorded_routing(ids.shape[0], ids.shape[1])[:, : input_ids.shape[1]])
+            finally:
+                RouterReplay.clear_global_router_replay_action()
+                RouterReplay.clear_global_indices()
+        return torch.cat(parts)
+
+    # ------------------------------------------------------------------ update
+    def train_step(self, micro_batches: Iterator[Batch], loss_fn: Callable[[Batch, torch.Tensor, torch.Tensor], tuple],
+                   *, replay_key: Optional[str] = None, record_routing: bool = False,
+                   on_micro_batch: Optional[Callable[[Batch, Optional[torch.Tensor]], None]] = None) -> dict:
+        """One optimizer step over a mini-batch given as micro-batches (gradient accumulation).
+
+        `loss_fn(micro_batch, log_prob, entropy) -> (loss, metrics)` must already be normalised for the whole
+        mini-batch across data-parallel ranks (see losses' global normaliser); the gradient is summed over
+        micro-batches and over DP ranks (megatron DDP averages over DP, so the loss is scaled by DP size).
+        A non-finite loss or gradient norm skips the optimizer step and reports `actor/skipped_step=1`.
+        """
+        self.model.train()
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        dp = ps.get_data_parallel_world_size()
+        metrics: Dict[str, list] = {}
+        finite = True
+        for mb in micro_batches:
+            R = mb["response_mask"].shape[1]
+            replay = mb[replay_key] if replay_key else None
+            lp, ent, routing = self.forward(mb["input_ids"], mb["prompt_lens"], R,
+                                            record_routing=record_routing, replay_routing=replay)
+            loss, m = loss_fn(mb, lp, ent)
+            for k, v in m.items():
+                metrics.setdefault(k, []).append(float(v))
+            if on_micro_batch is not None:
+                on_micro_batch(mb, routing, lp.detach())
+            if not torch.isfinite(loss):
+                finite = False
+                continue
+            (loss * dp).backward()
+        finalize_model_grads([self.model])
+        grad_norm = self.optimizer.get_grad_norm() if finite else float("nan")
+        flag = torch.tensor([0.0 if (finite and math.isfinite(grad_norm)) else 1.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank skips together
+        out = {k: sum(v) / len(v) for k, v in metrics.items()}
+        if flag.item() > 0:
+            self.optimizer.zero_grad()
+            out.update({"actor/grad_norm": float("nan"), "actor/skipped_step": 1.0})
+            return out
+        ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(1)
+        out.update({"actor/grad_norm": float(grad_norm), "actor/skipped_step": 0.0 if ok else 1.0,
+                    "actor/lr": float(self.optimizer.param_groups[0]["lr"])})
+        return out
+
+
+def _slices(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, max(1, size)):
+        yield slice(start, min(n, start + size))
+
+
+def split_micro_batches(batch: Batch, index: torch.Tensor, micro_batch_size: int) -> Iterator[Batch]:
+    """Rows `index` of `batch` as micro-batches of at most `micro_batch_size` rows."""
+    for sl in _slices(index.numel(), micro_batch_size):
+        rows = index[sl]
+        yield {k: v[rows] for k, v in batch.items() if isinstance(v, torch.Tensor) and v.shape[:1] == batch["input_ids"].shape[:1]}
