@@ -28,51 +28,55 @@ def _tp_group():
 
 
 class _VocabParallelLogProbEntropy(torch.autograd.Function):
+    # Memory/time: two vocab-sized fp32 tensors are kept for backward (probabilities and shifted logits);
+    # everything else is reduced to per-token scalars. Gradients that nobody asked for are not computed
+    # (`set_materialize_grads(False)`): a loss that uses only the log-prob pays nothing for the entropy.
     @staticmethod
     def forward(ctx, logits: torch.Tensor, target: torch.Tensor, group, world: int, rank: int):
-        logits = logits.float()
+        ctx.set_materialize_grads(False)
         vocab_local = logits.shape[-1]
         start = rank * vocab_local
         # softmax normaliser across the TP group: max, then sum of exp
-        local_max = logits.max(dim=-1).values
+        local_max = logits.detach().amax(dim=-1).float()
         if world > 1:
             dist.all_reduce(local_max, op=dist.ReduceOp.MAX, group=group)
-        shifted = logits - local_max.unsqueeze(-1)
-        exp = shifted.exp()
-        sum_exp = exp.sum(dim=-1)
-        if world > 1:
-            dist.all_reduce(sum_exp, group=group)
-        log_z = sum_exp.log()  # log-normaliser of the shifted logits
-        probs = exp / sum_exp.unsqueeze(-1)
+        shifted = logits.float() - local_max.unsqueeze(-1)
+        probs = shifted.exp()
+        sum_exp = probs.sum(dim=-1)
+        # sum_j exp_j * shifted_j, for the entropy H = log Z - E_p[shifted]
+        exp_dot = torch.linalg.vecdot(probs, shifted)
         # target logit: only the rank that owns the token id contributes
         local_target = target - start
         owned = (local_target >= 0) & (local_target < vocab_local)
         idx = local_target.clamp(0, vocab_local - 1).unsqueeze(-1)
-        target_shifted = torch.where(owned, shifted.gather(-1, idx).squeeze(-1), torch.zeros_like(log_z))
-        # sum_j p_j * shifted_j, for the entropy H = log Z - E_p[shifted]
-        p_dot = (probs * shifted).sum(dim=-1)
+        target_shifted = shifted.gather(-1, idx).squeeze(-1) * owned
         if world > 1:
-            packed = torch.stack([target_shifted, p_dot])
+            packed = torch.stack([sum_exp, exp_dot, target_shifted])
             dist.all_reduce(packed, group=group)
-            target_shifted, p_dot = packed[0], packed[1]
+            sum_exp, exp_dot, target_shifted = packed[0], packed[1], packed[2]
+        log_z = sum_exp.log()  # log-normaliser of the shifted logits
+        probs.div_(sum_exp.unsqueeze(-1))
         log_prob = target_shifted - log_z
-        entropy = log_z - p_dot
+        entropy = log_z - exp_dot / sum_exp
         ctx.save_for_backward(probs, shifted, log_z, entropy, idx, owned)
+        ctx.input_dtype = logits.dtype
         return log_prob, entropy
 
     @staticmethod
-    def backward(ctx, grad_log_prob: torch.Tensor, grad_entropy: torch.Tensor):
+    def backward(ctx, grad_log_prob, grad_entropy):
         probs, shifted, log_z, entropy, idx, owned = ctx.saved_tensors
-        grad = torch.zeros_like(probs)
+        grad = None
         if grad_log_prob is not None:
-            # 1[j=target] - p_j
-            grad = grad - probs * grad_log_prob.unsqueeze(-1)
-            onehot_term = (grad_log_prob * owned.to(grad.dtype)).unsqueeze(-1)
-            grad.scatter_add_(-1, idx, onehot_term)
+            # d log p[target] / d logits_j = 1[j=target] - p_j
+            grad = probs * (-grad_log_prob.unsqueeze(-1))
+            grad.scatter_add_(-1, idx, (grad_log_prob * owned).unsqueeze(-1))
         if grad_entropy is not None:
-            # -p_j (log p_j + H), with log p_j = shifted_j - log Z
-            log_p = shifted - log_z.unsqueeze(-1)
-            grad = grad - probs * (log_p + entropy.unsqueeze(-1)) * grad_entropy.unsqueeze(-1)
+            # d H / d logits_j = -p_j (log p_j + H), with log p_j = shifted_j - log Z
+            coef = (entropy - log_z).unsqueeze(-1)
+            g_ent = probs * (shifted + coef) * (-grad_entropy.unsqueeze(-1))
+            grad = g_ent if grad is None else grad.add_(g_ent)
+        if grad is not None and grad.dtype != ctx.input_dtype:
+            grad = grad.to(ctx.input_dtype)
         return grad, None, None, None, None
 
 
