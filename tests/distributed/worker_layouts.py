@@ -32,8 +32,13 @@ ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_r
 
 ids = torch.load(a.inputs, weights_only=True)  # [batch, seq]; the same batch on every rank
 pos = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
-logits = ddp(ids, pos, None)
-log_prob, entropy = sequence_log_probs(logits, ids)
+# the actor's path: log-prob/entropy computed inside the model on vocab-parallel, sequence-first logits
+out = ddp(ids, pos, None, labels=torch.nn.functional.pad(ids[:, 1:], (0, 1)))
+log_prob, entropy = out[:, :-1, 0], out[:, :-1, 1]
+with torch.no_grad():  # and the plain-logits path gives the same numbers
+    lp2, ent2 = sequence_log_probs(ddp(ids, pos, None), ids)
+    torch.testing.assert_close(lp2, log_prob.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent2, entropy.detach(), rtol=1e-5, atol=1e-5)
 # a loss that sends gradient through both outputs and every position
 loss = -(log_prob.mean()) + 0.1 * entropy.mean()
 loss.backward()

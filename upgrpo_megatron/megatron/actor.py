@@ -35,7 +35,6 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # n
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler  # noqa: E402
 from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction  # noqa: E402
 
-from upgrpo_megatron.megatron.logprobs import sequence_log_probs  # noqa: E402
 from upgrpo_megatron.megatron.model import build_gpt_model, model_shape  # noqa: E402
 
 Batch = Dict[str, torch.Tensor]
@@ -136,13 +135,15 @@ class MegatronActor:
             RouterReplay.set_global_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
         elif record_routing:
             RouterReplay.set_global_router_replay_action(RouterReplayAction.RECORD)
+        # next-token targets for every position (the last one scores a pad and is never read)
+        targets = torch.nn.functional.pad(ids[:, 1:], (0, 1))
         try:
-            logits = self.model(ids, pos, None)
+            out = self.model(ids, pos, None, labels=targets)  # [batch, seq, 2]: log-prob, entropy
         finally:
             routing_full = self._recorded_routing(b, ids.shape[1]) if record_routing and replay_routing is None else None
             RouterReplay.clear_global_router_replay_action()
             RouterReplay.clear_global_indices()
-        lp_all, ent_all = sequence_log_probs(logits, ids)  # [batch, seq_padded - 1]
+        lp_all, ent_all = out[:, :-1, 0], out[:, :-1, 1]  # [batch, seq_padded - 1]
         t = torch.arange(response_len, device=ids.device)
         score_pos = (prompt_lens.unsqueeze(1) - 1 + t).clamp(0, lp_all.shape[1] - 1)
         log_prob = lp_all.gather(1, score_pos)

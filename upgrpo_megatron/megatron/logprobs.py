@@ -44,7 +44,8 @@ class _VocabParallelLogProbEntropy(torch.autograd.Function):
         probs = shifted.exp()
         sum_exp = probs.sum(dim=-1)
         # sum_j exp_j * shifted_j, for the entropy H = log Z - E_p[shifted]
-        exp_dot = torch.linalg.vecdot(probs, shifted)
+        # (a batched matmul: vecdot would materialise the vocab-sized product)
+        exp_dot = torch.matmul(probs.unsqueeze(-2), shifted.unsqueeze(-1)).squeeze(-1).squeeze(-1)
         # target logit: only the rank that owns the token id contributes
         local_target = target - start
         owned = (local_target >= 0) & (local_target < vocab_local)
@@ -65,6 +66,12 @@ class _VocabParallelLogProbEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_log_prob, grad_entropy):
         probs, shifted, log_z, entropy, idx, owned = ctx.saved_tensors
+        # An output that the loss does not use arrives as None, or as zeros when it went through a stack/cat
+        # (the model returns log-prob and entropy stacked): skip its vocab-sized term either way.
+        if grad_log_prob is not None and not grad_log_prob.any():
+            grad_log_prob = None
+        if grad_entropy is not None and not grad_entropy.any():
+            grad_entropy = None
         grad = None
         if grad_log_prob is not None:
             # d log p[target] / d logits_j = 1[j=target] - p_j
