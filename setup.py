@@ -31,5 +31,6 @@ setup(
         "math": ["math-verify>=0.7", "pyarrow>=15"],  # verl-layout datasets and their grader
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100"],
     },
-    entry_points={"console_scripts": []},
+    # vLLM loads general plugins in each of its processes: ours keeps CPU weights syncable (see the module)
+    entry_points={"vllm.general_plugins": ["upgrpo_syncable_cpu_linear = upgrpo_megatron.rollout.vllm_plugin:register"]},
 )

@@ -37,6 +37,7 @@ class ModelConfig:
     moe_ffn_hidden_size: int = 64
     num_experts: int = 8
     moe_router_topk: int = 2
+    norm_topk_prob: bool = True
     moe_aux_loss_coeff: float = 0.0
     first_k_dense_layers: int = 0
     shared_expert_ffn_hidden_size: int = 0

@@ -1,0 +1,79 @@
+"""Hugging Face <-> Megatron conversion. One mapping per architecture (qwen_moe.py) serves checkpoint
+conversion, loading HF weights into the actor, the final export and weight sync to the rollout engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Iterator, Tuple
+
+import torch
+
+from upgrpo_megatron.convert.hf_io import (
+    ConversionError,
+    HFReader,
+    hf_config_to_model_cfg,
+    model_cfg_to_hf_config,
+    write_hf_dir,
+)
+from upgrpo_megatron.convert.qwen_moe import (
+    canonical_names,
+    hf_sources,
+    hf_to_megatron,
+    megatron_to_hf,
+    megatron_to_hf_stream,
+)
+
+_MODEL_KEYS = ("architecture", "vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_query_groups",
+               "head_dim", "moe_ffn_hidden_size", "num_experts", "moe_router_topk", "first_k_dense_layers",
+               "shared_expert_ffn_hidden_size", "tie_word_embeddings")
+
+
+def _g(cfg, k, d=None):
+    return cfg.get(k, d) if isinstance(cfg, dict) else getattr(cfg, k, d)
+
+
+def check_compatible(hf_cfg: Dict, model_cfg, source: str) -> None:
+    """The HF model must have the architecture the recipe describes."""
+    for k in _MODEL_KEYS:
+        a, b = hf_cfg.get(k), _g(model_cfg, k)
+        if b is not None and a != b and not (k == "first_k_dense_layers" and not a and not b):
+            raise ConversionError(f"{source}: {k}={a!r} does not match the recipe's model.{k}={b!r}")
+
+
+def iter_hf_as_megatron(reader: HFReader, model_cfg) -> Iterator[Tuple[str, torch.Tensor]]:
+    """Canonical Megatron tensors built from an HF directory, one fused group at a time."""
+    for name in canonical_names(model_cfg):
+        yield name, hf_to_megatron(name, reader.get, model_cfg)
+
+
+def load_hf_into_model(hf_dir, module, model_cfg=None) -> Dict:
+    """Load an HF checkpoint into this rank's shards of `module` (streamed). Returns the model section."""
+    from upgrpo_megatron.megatron.sharding import load_full_tensor
+
+    reader = HFReader(hf_dir)
+    hf_model_cfg = hf_config_to_model_cfg(reader.config, str(Path(hf_dir) / "config.json"))
+    if model_cfg is not None:
+        check_compatible(hf_model_cfg, model_cfg, str(Path(hf_dir) / "config.json"))
+    params = dict(module.named_parameters())
+    for name in canonical_names(hf_model_cfg):
+        srcs = hf_sources(name, hf_model_cfg)
+        tensor = hf_to_megatron(name, reader.get, hf_model_cfg)
+        try:
+            load_full_tensor(module, name, tensor, params)
+        except ValueError:
+            raise ConversionError(f"{hf_dir}: tensor {' + '.join(srcs)} has a shape that does not fit the config "
+                                  f"(built {tuple(tensor.shape)} for '{name}')") from None
+    return hf_model_cfg
+
+
+def save_hf_checkpoint(model_cfg, hf_tensors: Iterator[Tuple[str, torch.Tensor]], out_dir, *, tokenizer=None,
+                       overwrite: bool = False, **kw) -> Path:
+    """Write HF-named tensors (e.g. `megatron_to_hf_stream(cfg, iter_full_params(model))`) as an HF dir."""
+    return write_hf_dir(model_cfg, hf_tensors, out_dir, tokenizer=tokenizer, overwrite=overwrite, **kw)
+
+
+__all__ = [
+    "ConversionError", "HFReader", "canonical_names", "check_compatible", "hf_config_to_model_cfg",
+    "hf_sources", "hf_to_megatron", "iter_hf_as_megatron", "load_hf_into_model", "megatron_to_hf",
+    "megatron_to_hf_stream", "model_cfg_to_hf_config", "save_hf_checkpoint", "write_hf_dir",
+]

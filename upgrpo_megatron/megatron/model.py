@@ -185,7 +185,9 @@ def build_transformer_config(
         moe_ffn_hidden_size=s.moe_ffn_hidden_size,
         moe_router_topk=s.topk,
         moe_router_score_function="softmax",
-        moe_router_pre_softmax=False,  # top-k then softmax over k == HF norm_topk_prob=True
+        # top-k then softmax over the k == HF norm_topk_prob=True (Qwen3); softmax over all experts then
+        # top-k without renormalising == norm_topk_prob=False (Qwen2-MoE)
+        moe_router_pre_softmax=not bool(get("norm_topk_prob", True)),
         moe_router_load_balancing_type="aux_loss" if aux > 0 else "none",
         moe_aux_loss_coeff=aux,
         moe_router_dtype="fp32",

@@ -106,28 +106,41 @@ def _unshard(local: torch.Tensor, param: torch.nn.Parameter, name: str, model) -
 
 
 @torch.no_grad()
+def load_full_tensor(model, gname: str, tensor: torch.Tensor, params: Dict[str, torch.nn.Parameter] | None = None) -> str | None:
+    """Copy one canonical tensor into this rank's shard; returns the local name, or None when another EP
+    rank owns it. A shape that does not fit names the tensor."""
+    params = params if params is not None else dict(model.named_parameters())
+    lname = global_to_local_name(gname, model)
+    if lname is None:
+        return None
+    if lname not in params:
+        raise KeyError(f"checkpoint tensor '{gname}' has no parameter in the model")
+    p = params[lname]
+    shard = _shard(tensor, p, lname, model)
+    if tuple(shard.shape) != tuple(p.shape):
+        raise ValueError(
+            f"tensor '{gname}': shape {tuple(tensor.shape)} does not fit the model "
+            f"(this rank expects a shard of {tuple(p.shape)})"
+        )
+    p.copy_(shard.to(p.dtype))
+    return lname
+
+
+@torch.no_grad()
 def load_full_state_dict(model, full: Mapping[str, torch.Tensor], strict: bool = True) -> None:
     """Copy canonical full tensors into this rank's shards. Every rank passes the same `full` (or at least
     the entries it owns). Shapes are checked and a mismatch names the tensor."""
     params = dict(model.named_parameters())
     seen = set()
     for gname, tensor in full.items():
-        lname = global_to_local_name(gname, model)
-        if lname is None:
-            continue
-        if lname not in params:
+        try:
+            lname = load_full_tensor(model, gname, tensor, params)
+        except KeyError:
             if strict:
-                raise KeyError(f"checkpoint tensor '{gname}' has no parameter in the model")
+                raise
             continue
-        p = params[lname]
-        shard = _shard(tensor, p, lname, model)
-        if tuple(shard.shape) != tuple(p.shape):
-            raise ValueError(
-                f"tensor '{gname}': shape {tuple(tensor.shape)} does not fit the model "
-                f"(this rank expects a shard of {tuple(p.shape)})"
-            )
-        p.copy_(shard.to(p.dtype))
-        seen.add(lname)
+        if lname is not None:
+            seen.add(lname)
     missing = [n for n in params if n not in seen]
     if strict and missing:
         raise KeyError(f"checkpoint lacks {len(missing)} model tensors, e.g. '{local_to_global_name(missing[0], model)}'")
