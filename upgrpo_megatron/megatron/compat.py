@@ -4,7 +4,8 @@ megatron-core assumes CUDA in a handful of places that have nothing to do with t
 without CUDA, `apply_cpu_patches()` fixes exactly these, and nothing else:
 
 1. `torch.cuda.current_device()` (RoPE frequencies, attention softmax offsets) raises on a CPU-only torch:
-   it is made to return "cpu", which every such call site passes on as a `device=` argument.
+   it is made to return "cpu", which every such call site passes on as a `device=` argument; and
+   `torch.cuda.synchronize()` (dist_checkpointing's tensor preload) becomes a no-op, as there is no device.
 2. The default causal mask is built with `device="cuda"` (`fused_softmax.get_default_causal_mask`): it is
    rebuilt on the CPU.
 3. The model-parallel RNG tracker (`model_parallel_cuda_manual_seed`, `get_cuda_rng_tracker().fork()`) reads
@@ -87,8 +88,9 @@ def apply_cpu_patches() -> bool:
         return True
     quiet_megatron_import_warnings()
 
-    # 1. current_device() -> "cpu"
+    # 1. current_device() -> "cpu"; synchronize() -> nothing to wait for
     torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
+    torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
 
     # 2. default causal mask on the CPU
     import megatron.core.fusions.fused_softmax as fused_softmax

@@ -1,0 +1,197 @@
+"""Training checkpoints: megatron-core `dist_checkpointing` for the model, atomic directories, checksums.
+
+Layout of `checkpoints/step_000010/`:
+    model/            dist_checkpointing (torch_dist) — loadable at another TP/EP layout
+    optim/rank_R.pt   optimizer state of each rank (torch.save; resumed at the same layout only)
+    extra.pt          step, scheduler, RNG states, data position (rank 0; plain tensors and numbers)
+    metadata.json     architecture, step, layout it was saved at
+    model_config.yaml the recipe's model section; tokenizer files when the run has a tokenizer
+    COMPLETE          written last: sha256 of every other file
+
+A checkpoint is written into `.step_000010.tmp/` and renamed into place only after COMPLETE is written, so
+a crash at any point leaves either the previous checkpoints untouched or a `.tmp` directory that
+`latest_complete_checkpoint` ignores (and reports). Everything is read back with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from upgrpo_megatron.megatron import compat
+
+compat.apply_cpu_patches()
+
+from megatron.core import dist_checkpointing  # noqa: E402
+from megatron.core import parallel_state as ps  # noqa: E402
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used (incomplete, corrupt, other architecture)."""
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _model_cfg_dict(model_cfg) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(model_cfg) if dataclasses.is_dataclass(model_cfg) else dict(model_cfg)
+
+
+def save_checkpoint(path, module, *, optimizer=None, extra_state: Optional[dict] = None, model_cfg=None,
+                    tokenizer=None) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint directory."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp"
+    if _rank() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        (tmp / "optim").mkdir(parents=True)
+    _barrier()
+    dist_checkpointing.save(module.sharded_state_dict(), str(tmp / "model"))
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), tmp / "optim" / f"rank_{_rank()}.pt")
+    _barrier()
+    if _rank() == 0:
+        torch.save(extra_state or {}, tmp / "extra.pt")
+        meta = {"format_version": FORMAT_VERSION, "step": (extra_state or {}).get("step"),
+                "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                "tp": ps.get_tensor_model_parallel_world_size(), "ep": ps.get_expert_model_parallel_world_size(),
+                "etp": ps.get_expert_tensor_parallel_world_size(),
+                "architecture": _model_cfg_dict(model_cfg).get("architecture") if model_cfg is not None else None}
+        (tmp / "metadata.json").write_text(json.dumps(meta, indent=2))
+        if model_cfg is not None:
+            (tmp / "model_config.yaml").write_text(yaml.safe_dump(_model_cfg_dict(model_cfg), sort_keys=False))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        sums = {str(p.relative_to(tmp)): _sha256(p) for p in files}
+        (tmp / "COMPLETE").write_text(json.dumps(sums, indent=1))
+        _fsync_dir(tmp)
+        if path.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
+            shutil.rmtree(path)
+        os.rename(tmp, path)
+        _fsync_dir(path.parent)
+    _barrier()
+    return path
+
+
+def verify_checkpoint(path) -> Optional[str]:
+    """None when the checkpoint is complete and every checksum matches; else what is wrong."""
+    path = Path(path)
+    marker = path / "COMPLETE"
+    if not marker.exists():
+        return "no COMPLETE marker (the write did not finish)"
+    try:
+        sums = json.loads(marker.read_text())
+    except json.JSONDecodeError:
+        return "COMPLETE marker is unreadable"
+    for rel, digest in sums.items():
+        f = path / rel
+        if not f.exists():
+            return f"{rel} is missing"
+        if _sha256(f) != digest:
+            return f"{rel} does not match its checksum"
+    return None
+
+
+def _step_of(p: Path) -> int:
+    try:
+        return int(p.name.split("_")[-1])
+    except ValueError:
+        return -1
+
+
+def latest_complete_checkpoint(ckpt_dir, report=print) -> Optional[Path]:
+    """The newest checkpoint that verifies; partial or corrupt ones are skipped and reported."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.exists():
+        return None
+    for tmp in sorted(ckpt_dir.glob(".step_*.tmp")):
+        if _rank() == 0 and report:
+            report(f"ignoring partial checkpoint {tmp} (a write was interrupted)")
+    for p in sorted((d for d in ckpt_dir.glob("step_*") if d.is_dir()), key=_step_of, reverse=True):
+        problem = verify_checkpoint(p)
+        if problem is None:
+            return p
+        if _rank() == 0 and report:
+            report(f"ignoring checkpoint {p}: {problem}")
+    return None
+
+
+def prune_checkpoints(ckpt_dir, keep: int) -> None:
+    """Keep the newest `keep` complete checkpoints; remove older ones and interrupted writes."""
+    ckpt_dir = Path(ckpt_dir)
+    complete = sorted((d for d in ckpt_dir.glob("step_*") if (d / "COMPLETE").exists()), key=_step_of)
+    for old in complete[: max(0, len(complete) - keep)]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def check_architecture(path, model_cfg) -> None:
+    meta_path = Path(path) / "metadata.json"
+    if model_cfg is None or not meta_path.exists():
+        return
+    cfg_path = Path(path) / "model_config.yaml"
+    if cfg_path.exists():
+        saved = yaml.safe_load(cfg_path.read_text()) or {}
+        want = _model_cfg_dict(model_cfg)
+        for k in ("architecture", "hidden_size", "num_layers", "num_experts", "num_attention_heads",
+                  "num_query_groups", "head_dim", "moe_ffn_hidden_size", "vocab_size"):
+            if k in saved and saved[k] != want.get(k):
+                raise CheckpointError(f"checkpoint {path} is for another model: {k}={saved[k]!r}, the recipe has "
+                                      f"model.{k}={want.get(k)!r}")
+
+
+def load_checkpoint(path, module, *, optimizer=None, model_cfg=None) -> dict:
+    """Collective. Loads the model (any layout), the optimizer (same layout only) and returns extra_state."""
+    path = Path(path)
+    problem = verify_checkpoint(path)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {path} cannot be used: {problem}")
+    check_architecture(path, model_cfg)
+    state = dist_checkpointing.load(module.sharded_state_dict(), str(path / "model"))
+    module.load_state_dict(state)
+    optim_file = path / "optim" / f"rank_{_rank()}.pt"
+    meta = json.loads((path / "metadata.json").read_text())
+    same_layout = (meta.get("world_size"), meta.get("tp"), meta.get("ep")) == (
+        dist.get_world_size() if dist.is_initialized() else 1, ps.get_tensor_model_parallel_world_size(),
+        ps.get_expert_model_parallel_world_size())
+    if optimizer is not None and optim_file.exists() and same_layout:
+        optimizer.load_state_dict(torch.load(optim_file, weights_only=True))
+    elif optimizer is not None and _rank() == 0:
+        print(f"note: optimizer state of {path} not restored (saved at another layout); starting Adam moments fresh")
+    return torch.load(path / "extra.pt", weights_only=True)
