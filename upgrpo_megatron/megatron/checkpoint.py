@@ -81,6 +81,7 @@ def save_checkpoint(path, module, *, optimizer=None, extra_state: Optional[dict]
         if tmp.exists():
             shutil.rmtree(tmp)
         (tmp / "optim").mkdir(parents=True)
+        (tmp / "model").mkdir()
     _barrier()
     dist_checkpointing.save(module.sharded_state_dict(), str(tmp / "model"))
     if optimizer is not None:
