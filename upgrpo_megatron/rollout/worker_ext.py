@@ -1,12 +1,16 @@
-"""Functions that run *inside* the vLLM engine process (sent with `LLM.apply_model` / `collective_rpc`).
+"""Functions that run *inside* the vLLM worker process (sent with `LLM.apply_model` / `LLM.collective_rpc`).
 
-They live in an importable module because vLLM pickles them by reference. State kept between calls (the
-routing capture buffer) is module-global in the engine process.
+They live in an importable module because vLLM pickles them by reference (this needs
+`VLLM_ALLOW_INSECURE_SERIALIZATION=1`, set by `RolloutEngine`). State kept between calls (the routing capture
+buffer, expert weights of a layer that spans buckets) is module-global in the worker process.
 
-Routing capture binds a callback to every MoE router of the engine's model, exactly as vLLM's own
-routed-experts capturer does (`bind_routed_experts_capturer`): the callback receives the logical top-k
-expert ids the engine's router chose, `[num_tokens, topk]`, for every forward pass. A forward pre-hook on
-the model records the positions and token ids of the same rows, so rows can be mapped back to sequences.
+Results travel back as plain Python objects or bytes: vLLM's RPC serialiser turns tensors nested in
+containers into lists, while bytes pass unchanged.
+
+Routing capture binds a callback to every MoE router of the engine's model, as vLLM's own routed-experts
+capturer does (`BaseRouter.set_capture_fn`): the callback receives the logical top-k expert ids the engine
+chose, `[num_tokens, topk]`, for every forward pass. A forward pre-hook on the model records the token ids and
+positions of the same rows, so `routing.rows_per_sequence` can map rows back to sequences.
 """
 
 from __future__ import annotations
@@ -15,21 +19,22 @@ import re
 from functools import partial
 from typing import Dict, List
 
+import numpy as np
 import torch
 
-_CAPTURE: Dict[str, object] = {"enabled": False, "steps": [], "layers": {}, "bound": 0, "handle": None}
+_CAPTURE: Dict[str, object] = {"enabled": False, "steps": [], "layers": {}, "bound": 0, "layer_ids": []}
 
 
 def _record_layer(layer_id: int, topk_ids: torch.Tensor) -> None:
     if _CAPTURE["enabled"]:
-        _CAPTURE["layers"].setdefault(layer_id, []).append(topk_ids.detach().to("cpu", torch.int16).clone())
+        _CAPTURE["layers"].setdefault(layer_id, []).append(topk_ids.detach().to("cpu", torch.int16).numpy().copy())
 
 
 def _pre_hook(module, args, kwargs):
     if _CAPTURE["enabled"]:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         positions = kwargs.get("positions", args[1] if len(args) > 1 else None)
-        _CAPTURE["steps"].append((input_ids.detach().cpu().clone(), positions.detach().cpu().clone()))
+        _CAPTURE["steps"].append((input_ids.detach().cpu().numpy().copy(), positions.detach().cpu().numpy().copy()))
 
 
 def bind_capture(model: torch.nn.Module) -> int:
@@ -48,7 +53,7 @@ def bind_capture(model: torch.nn.Module) -> int:
             layer_ids.append(module.layer_id)
     if not layer_ids:
         raise RuntimeError("routing capture: the engine's model has no MoE router")
-    _CAPTURE["handle"] = model.register_forward_pre_hook(_pre_hook, with_kwargs=True)
+    model.register_forward_pre_hook(_pre_hook, with_kwargs=True)
     _CAPTURE["bound"] = len(layer_ids)
     _CAPTURE["layer_ids"] = sorted(layer_ids)
     return len(layer_ids)
@@ -61,17 +66,26 @@ def start_capture(model: torch.nn.Module) -> int:
 
 
 def stop_capture(model: torch.nn.Module) -> dict:
-    """Stop and return what was recorded: per forward pass (input_ids, positions), and per MoE layer the
-    top-k ids of each forward pass, `[num_tokens, topk]` int16."""
+    """Stop and return what was recorded: `steps` = per forward pass (input_ids, positions) and
+    `layers[layer_id]` = per forward pass `[num_tokens, topk]` int16 top-k ids, all as bytes + shapes."""
     _CAPTURE["enabled"] = False
-    # plain lists: vLLM's RPC serialiser mangles tensors inside containers
-    out = {"steps": [(i.tolist(), p.tolist()) for i, p in _CAPTURE["steps"]],
-           "layers": {int(k): [t.tolist() for t in v] for k, v in _CAPTURE["layers"].items()},
-           "layer_ids": list(_CAPTURE.get("layer_ids", []))}
+    pack = lambda a: (a.tobytes(), a.dtype.str, a.shape)  # noqa: E731
+    out = {"steps": [(pack(i), pack(p)) for i, p in _CAPTURE["steps"]],
+           "layers": {int(k): [pack(t) for t in v] for k, v in _CAPTURE["layers"].items()},
+           "layer_ids": list(_CAPTURE["layer_ids"])}
     _CAPTURE.update(steps=[], layers={})
     return out
 
 
+def unpack_capture(rec: dict) -> dict:
+    """Driver side: bytes back to numpy arrays (the layout `routing.rows_per_sequence` reads)."""
+    un = lambda b: np.frombuffer(b[0], dtype=np.dtype(b[1])).reshape(b[2])  # noqa: E731
+    return {"steps": [(un(i), un(p)) for i, p in rec["steps"]],
+            "layers": {int(k): [un(t) for t in v] for k, v in rec["layers"].items()},
+            "layer_ids": rec["layer_ids"]}
+
+
+# ------------------------------------------------------------------------------------------------ weights
 _EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _PENDING_EXPERTS: Dict[int, Dict[tuple, torch.Tensor]] = {}
 
@@ -96,26 +110,26 @@ def _load_layer_experts(model, layer: int, parts: Dict[tuple, torch.Tensor]) -> 
     block = model.model.layers[layer].mlp
     moe = next(m for m in block.modules() if hasattr(m, "w13_weight"))
     n = len({e for e, _ in parts})
+    # vLLM's fused layout: w13 = [experts, 2 * inter, hidden] (gate rows, then up rows), w2 = [experts, hidden, inter]
     w13 = torch.stack([torch.cat([parts[(e, "gate_proj")], parts[(e, "up_proj")]], 0) for e in range(n)])
     w2 = torch.stack([parts[(e, "down_proj")] for e in range(n)])
     impl = _find_experts_impl(moe._quant_method if hasattr(moe, "_quant_method") else moe)
     dtype = moe.w13_weight.dtype
-    replace_parameter(moe, "w13_weight", w13.to(dtype))
-    replace_parameter(moe, "w2_weight", w2.to(dtype))
+    replace_parameter(moe, "w13_weight", w13.to(dtype).contiguous())
+    replace_parameter(moe, "w2_weight", w2.to(dtype).contiguous())
     if impl is not None:  # re-pack for the kernel, exactly as after the first load
         impl.process_weights_after_loading(moe)
 
 
 def reload_weights(worker, blob: bytes) -> int:
-    """Load a bucket of HF-named tensors, sent as safetensors bytes (vLLM's RPC serialiser turns tensors
-    into lists; bytes pass as they are, and safetensors executes nothing), into the engine's model in place.
+    """Load a bucket of HF-named tensors, sent as safetensors bytes (safetensors executes nothing), into the
+    engine's model in place. Returns the number of tensors received.
 
     vLLM's own `reload_weights` left part of the old weights in place on CPU (the CPU kernels keep packed
     copies: linear layers a oneDNN/SGL handle, MoE experts a VNNI-packed buffer). So: plain parameters go
     through the model's `load_weights` (linear layers stay plain tensors thanks to rollout/vllm_plugin.py),
     and each MoE layer's experts, once all of them have arrived (a layer may span buckets), are stacked into
-    the kernel's [experts, 2*inter, hidden] / [experts, hidden, inter] tensors and packed again by the experts
-    implementation's own `process_weights_after_loading`."""
+    the kernel's fused tensors and packed again by the experts implementation's `process_weights_after_loading`."""
     from safetensors.torch import load
 
     weights = load(blob)
@@ -127,10 +141,34 @@ def reload_weights(worker, blob: bytes) -> int:
             _PENDING_EXPERTS.setdefault(int(m.group(1)), {})[(int(m.group(2)), m.group(3))] = t
         else:
             plain.append((name, t))
+    cfg = model.config
+    num_experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts")
     with torch.no_grad():
         if plain:
             model.load_weights(iter(plain))
-        num_experts = model.config.num_experts if hasattr(model.config, "num_experts") else model.config.num_local_experts
         for layer in [k for k, v in _PENDING_EXPERTS.items() if len(v) == 3 * num_experts]:
             _load_layer_experts(model, layer, _PENDING_EXPERTS.pop(layer))
     return len(weights)
+
+
+def pending_expert_layers(worker, clear: bool = True) -> Dict[int, int]:
+    """Layers whose experts arrived only in part (layer -> tensors received); cleared when `clear`."""
+    out = {int(k): len(v) for k, v in _PENDING_EXPERTS.items()}
+    if clear:
+        _PENDING_EXPERTS.clear()
+    return out
+
+
+def unsyncable_linear_layers(model: torch.nn.Module) -> List[str]:
+    """Linear layers whose weight the CPU backend moved into a packed kernel handle (emptied parameter):
+    in-place weight sync cannot reach them. Empty when rollout/vllm_plugin.py is active."""
+    from vllm.model_executor.layers.linear import LinearBase
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+    bad = []
+    for name, m in model.named_modules():
+        if isinstance(m, (LinearBase, VocabParallelEmbedding)):
+            w = getattr(m, "weight", None)
+            if w is not None and w.numel() == 0:
+                bad.append(name)
+    return bad

@@ -1,0 +1,227 @@
+"""The real vLLM engine (CPU, fp32) on a tiny random Qwen3-MoE, checked against transformers on the same weights.
+
+One engine serves the whole module (a start costs ~40 s on the shared 2-core machine). The process-death test
+kills it, so it runs last.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+transformers = pytest.importorskip("transformers")
+
+from upgrpo_megatron.rollout import RolloutEngine, RolloutError, pad_rollout_batch  # noqa: E402
+
+TINY = dict(vocab_size=32, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=64, intermediate_size=256, moe_intermediate_size=64, num_experts=8, num_experts_per_tok=2,
+            norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False,
+            max_position_embeddings=128)
+STOP = 2
+PROMPTS = [[1, 5, 6, 7], [3, 4, 9], [10, 11, 12, 13, 14, 15], [1, 5, 6, 7]]  # the last repeats the first
+N, MAX_TOKENS, MAX_LEN = 4, 12, 32
+# fp32 engine vs fp32 transformers: same math, different kernels and summation order (oneDNN/SGL GEMMs,
+# vLLM's CPU attention vs eager attention). Measured here: mean |Δ| ~1e-7, max ~5e-7 nats. 1e-4 leaves 200x
+# headroom for other CPUs' kernels while any real error (a stale or misplaced weight, a position shift)
+# moves log-probs by > 1e-2.
+FP32_LOGPROB_TOL = 1e-4
+MIN_ROUTING_AGREEMENT = 0.99
+
+
+def build_tiny_model(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = transformers.Qwen3MoeConfig(**TINY)
+    return transformers.Qwen3MoeForCausalLM(cfg).eval()
+
+
+def reference(model, prompt, response):
+    """transformers' log-prob of each response token, `[R]`, and the top-k experts of each response position
+    as an input, `[R, layers, topk]` (the rollout routing convention)."""
+    ids = torch.tensor([list(prompt) + list(response)])
+    with torch.no_grad():
+        out = model(ids, output_router_logits=True)
+    p = len(prompt)
+    lp = torch.log_softmax(out.logits[0, :-1].float(), -1).gather(-1, ids[0, 1:, None]).squeeze(-1)[p - 1:]
+    topk = torch.stack([r.topk(TINY["num_experts_per_tok"], -1).indices[p:] for r in out.router_logits], dim=1)
+    return lp, topk
+
+
+def compare(model, prompts, batch):
+    """(mean |Δlog-prob|, max |Δlog-prob|, fraction of (token, layer) pairs with the same top-k set)."""
+    diffs, agree, total = [], 0, 0
+    for s in batch.samples:
+        lp, topk = reference(model, prompts[s.prompt_index], s.response_ids)
+        diffs.append((lp - torch.tensor(s.log_probs, dtype=torch.float32)).abs())
+        for t in range(len(s.response_ids)):
+            for layer in range(topk.shape[1]):
+                total += 1
+                agree += set(topk[t, layer].tolist()) == set(s.routing[t, layer].tolist())
+    d = torch.cat(diffs)
+    return d.mean().item(), d.max().item(), agree / total
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    model = build_tiny_model()
+    path = tmp_path_factory.mktemp("tiny_qwen3_moe")
+    model.save_pretrained(path)
+    return str(path), model
+
+
+@pytest.fixture(scope="module")
+def engine(tiny):
+    eng = RolloutEngine(tiny[0], dtype="float32", seed=1, max_model_len=MAX_LEN, kv_cache_gib=1)
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def rollout(engine):
+    return engine.generate(PROMPTS, n=N, temperature=1.0, max_tokens=MAX_TOKENS, stop_token_ids=[STOP], seed=3)
+
+
+def test_engine_log_probs_match_transformers_fp32(tiny, rollout):
+    mean, mx, _ = compare(tiny[1], PROMPTS, rollout)
+    print(f"\nfp32 engine vs transformers log-probs over {rollout.num_tokens()} tokens: mean |d| {mean:.2e}, max {mx:.2e}")
+    assert mx < FP32_LOGPROB_TOL
+
+
+def test_rollout_routing_has_the_right_shape_and_matches_transformers_topk(tiny, rollout):
+    for s in rollout.samples:
+        assert s.routing.shape == (len(s.response_ids), TINY["num_hidden_layers"], TINY["num_experts_per_tok"])
+        assert s.routing.min() >= 0 and s.routing.max() < TINY["num_experts"]
+        assert all(len(set(row)) == len(row) for row in s.routing.reshape(-1, TINY["num_experts_per_tok"]).tolist())
+    _, _, agreement = compare(tiny[1], PROMPTS, rollout)
+    print(f"\nrouting top-k set agreement with transformers fp32: {agreement:.4f}")
+    assert agreement >= MIN_ROUTING_AGREEMENT
+
+
+def test_samples_are_prompt_major_and_a_stop_token_ends_its_response(rollout):
+    assert [(s.prompt_index, s.sample_index) for s in rollout.samples] == [(i, j) for i in range(len(PROMPTS)) for j in range(N)]
+    for s in rollout.samples:
+        assert 1 <= len(s.response_ids) <= MAX_TOKENS
+        if s.finish_reason == "stop":
+            assert s.response_ids[-1] == STOP and STOP not in s.response_ids[:-1]
+        else:
+            assert s.finish_reason == "length" and len(s.response_ids) == MAX_TOKENS and STOP not in s.response_ids
+    assert rollout.weight_version == 0
+
+
+def test_same_seed_gives_the_same_rollouts_and_another_seed_does_not(engine, rollout):
+    again = engine.generate(PROMPTS, n=N, temperature=1.0, max_tokens=MAX_TOKENS, stop_token_ids=[STOP], seed=3)
+    assert [s.response_ids for s in again.samples] == [s.response_ids for s in rollout.samples]
+    # tokens and routing are identical; log-probs agree to float rounding (measured 2.4e-7 on one first token:
+    # the CPU GEMMs are not bitwise reproducible across calls, e.g. oneDNN's thread partitioning)
+    for a, b in zip(again.samples, rollout.samples):
+        np.testing.assert_allclose(a.log_probs, b.log_probs, rtol=0, atol=1e-5)
+    assert all(np.array_equal(a.routing, b.routing) for a, b in zip(again.samples, rollout.samples))
+    other = engine.generate(PROMPTS, n=N, temperature=1.0, max_tokens=MAX_TOKENS, stop_token_ids=[STOP], seed=4)
+    assert [s.response_ids for s in other.samples] != [s.response_ids for s in rollout.samples]
+
+
+def test_duplicate_prompts_get_independent_samples(rollout):
+    first = [s.response_ids for s in rollout.samples if s.prompt_index == 0]
+    repeat = [s.response_ids for s in rollout.samples if s.prompt_index == 3]
+    assert first != repeat
+    assert len({tuple(r) for r in first}) > 1  # and the n samples of one prompt differ among themselves
+
+
+def test_empty_batch_gives_an_empty_rollout_batch(engine):
+    batch = engine.generate([], n=N, max_tokens=MAX_TOKENS)
+    assert len(batch) == 0 and batch.weight_version == engine.weight_version
+    assert pad_rollout_batch(batch)["responses"].shape == (0, 0)
+
+
+def test_over_long_prompt_error_names_the_prompt_index(engine):
+    with pytest.raises(RolloutError, match=r"prompt 1 has 25 tokens.*max_model_len=32"):
+        engine.generate([[1, 2], [3] * 25], n=1, max_tokens=MAX_TOKENS)
+    with pytest.raises(RolloutError, match=r"prompt 0 has token id 99 outside the vocabulary"):
+        engine.generate([[1, 99]], n=1, max_tokens=2)
+
+
+def test_padded_tensors_from_a_real_rollout(rollout):
+    t = pad_rollout_batch(rollout, response_len=MAX_TOKENS)
+    B = len(PROMPTS) * N
+    assert t["responses"].shape == (B, MAX_TOKENS) and t["rollout_log_prob"].shape == (B, MAX_TOKENS)
+    assert t["rollout_routing"].shape == (B, MAX_TOKENS, TINY["num_hidden_layers"], TINY["num_experts_per_tok"])
+    assert t["rollout_routing"].dtype == torch.int64
+    lengths = torch.tensor([len(s.response_ids) for s in rollout.samples])
+    assert torch.equal(t["response_mask"].sum(1), lengths)
+    pad = t["response_mask"] == 0
+    assert (t["rollout_routing"][pad] == -1).all() and (t["rollout_routing"][~pad] >= 0).all()
+    assert (t["rollout_log_prob"][~pad] <= 0).all() and (t["rollout_log_prob"][pad] == 0).all()
+
+
+def _perturbed(model, scale=0.05, seed=11):
+    new = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return new
+
+
+def test_update_weights_makes_the_engine_follow_the_new_weights(tiny, engine):
+    hf_dir, old = tiny
+    new = _perturbed(old)
+    # transformers' in-memory names (fused experts), in 64 KiB buckets: each layer's experts span buckets
+    info = engine.update_weights(new.state_dict().items(), version=1, bucket_bytes=64 * 1024)
+    assert info["buckets"] > 10 and engine.weight_version == 1
+    batch = engine.generate(PROMPTS, n=2, temperature=1.0, max_tokens=MAX_TOKENS, stop_token_ids=[STOP], seed=5)
+    assert batch.weight_version == 1
+    mean_new, max_new, agree_new = compare(new, PROMPTS, batch)
+    mean_old, _, _ = compare(old, PROMPTS, batch)
+    print(f"\nafter sync: |d| vs new weights mean {mean_new:.2e} max {max_new:.2e}; vs old mean {mean_old:.2e}; "
+          f"routing agreement {agree_new:.4f}; sync {info}")
+    assert max_new < FP32_LOGPROB_TOL and mean_old > 1e-2
+    assert agree_new >= MIN_ROUTING_AGREEMENT
+    # back to the original weights, this time with checkpoint names (per-expert tensors) in one bucket
+    from safetensors.torch import load_file
+
+    original = load_file(os.path.join(hf_dir, "model.safetensors"))
+    engine.update_weights(original.items(), version=2)
+    back = engine.generate(PROMPTS, n=2, temperature=1.0, max_tokens=MAX_TOKENS, stop_token_ids=[STOP], seed=5)
+    assert back.weight_version == 2
+    assert compare(old, PROMPTS, back)[1] < FP32_LOGPROB_TOL
+
+
+def test_update_weights_refuses_unknown_names_and_incomplete_expert_layers(engine):
+    version = engine.weight_version
+    with pytest.raises(RolloutError, match=r"tensor 'model.layers.0.mlp.nonsense.weight' is not in the engine's checkpoint"):
+        engine.update_weights([("model.layers.0.mlp.nonsense.weight", torch.zeros(3))], version=version + 1)
+    with pytest.raises(RolloutError, match=r"'lm_head.weight' has shape \(3,\)"):
+        engine.update_weights([("lm_head.weight", torch.zeros(3))], version=version + 1)
+    only_expert_0 = [(f"model.layers.0.mlp.experts.0.{k}.weight", torch.zeros(s))
+                     for k, s in (("gate_proj", (64, 128)), ("up_proj", (64, 128)), ("down_proj", (128, 64)))]
+    with pytest.raises(RolloutError, match=r"layer 0 received 3 of its 24 expert tensors"):
+        engine.update_weights(only_expert_0, version=version + 1)
+    assert engine.weight_version == version
+
+
+def test_sleep_and_wake_up_keep_the_engine_usable_on_cpu(engine):
+    engine.sleep()  # documented no-op on CPU
+    engine.wake_up()
+    assert len(engine.generate([[1, 2, 3]], n=1, max_tokens=2, seed=0)) == 1
+
+
+def test_engine_process_death_is_reported_and_shutdown_reaps_it(engine):
+    """Runs last: it kills this module's engine (its own child processes, by pid)."""
+    import psutil
+
+    assert engine.alive_processes()
+    core = [p.pid for p in engine._procs if "EngineCore" in p.name() + " ".join(p.cmdline())]
+    assert core, [p.name() for p in engine._procs]
+    os.kill(core[0], signal.SIGKILL)
+    psutil.Process(core[0]).wait(10)
+    with pytest.raises(RolloutError, match="engine process died"):
+        engine.generate([[1, 2, 3]], n=1, max_tokens=2)
+    engine.shutdown()
+    assert engine.alive_processes() == []
+    with pytest.raises(RolloutError, match="shut down"):
+        engine.generate([[1, 2, 3]], n=1, max_tokens=2)

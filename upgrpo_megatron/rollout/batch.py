@@ -1,0 +1,128 @@
+"""What a rollout returns, and how it becomes the trainer's padded tensors. Pure Python/torch: no vLLM.
+
+A `RolloutBatch` holds samples ordered prompt-major, then sample index: sample `i * n + j` is the j-th
+response to prompt i. Every batch records the `weight_version` the engine held when it generated, so a
+trainer can refuse rollouts from stale weights.
+
+Rollout routing convention: `RolloutSample.routing[t]` is the top-k expert ids the engine chose, in every
+MoE layer, for the INPUT position that holds response token t (position `prompt_len + t` of
+`prompt + response`). These are exactly the positions the trainer routes when it scores `prompt + response`
+in one forward pass, which is what R3 replay and the train-vs-rollout mismatch need. (The log-prob of
+response token t comes from the logits at position `prompt_len + t - 1`; its routing is that of row t - 1.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from upgrpo_megatron.errors import UpgrpoError
+
+
+class RolloutError(UpgrpoError, RuntimeError):
+    """The rollout engine cannot do what was asked (bad prompt, unsupported model, engine died). One line."""
+
+
+@dataclass
+class RolloutSample:
+    """One response. `routing`: `[response_len, moe_layers, topk]` expert ids (int16 to keep large batches
+    small in memory and in transfers; `pad_rollout_batch` returns int64), or None when capture is off."""
+
+    prompt_index: int
+    sample_index: int
+    response_ids: List[int]
+    log_probs: List[float]  # engine log-prob of each sampled token, [response_len]
+    finish_reason: str  # "stop" (a stop token, included in response_ids) | "length"
+    routing: Optional[np.ndarray] = None
+
+
+@dataclass
+class RolloutBatch:
+    samples: List[RolloutSample] = field(default_factory=list)
+    weight_version: int = 0
+    seconds: float = 0.0
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def num_tokens(self) -> int:
+        return sum(len(s.response_ids) for s in self.samples)
+
+
+def pad_rollout_batch(batch: RolloutBatch, response_len: Optional[int] = None, pad_token_id: int = 0,
+                      num_moe_layers: Optional[int] = None, topk: Optional[int] = None) -> Dict[str, torch.Tensor]:
+    """Pad a batch into the trainer's tensors.
+
+    Returns
+      responses         `[batch, response_len]` int64 (pad_token_id after the end)
+      response_mask     `[batch, response_len]` int64 (1 = real response token)
+      rollout_log_prob  `[batch, response_len]` float32 (0 on padding)
+      rollout_routing   `[batch, response_len, moe_layers, topk]` int64 (-1 on padding); only when the samples
+                        carry routing (or num_moe_layers/topk are given: then all -1 where absent)
+      prompt_index      `[batch]` int64
+    `response_len` defaults to the longest response; longer responses are an error (not silently cut).
+    """
+    samples = batch.samples
+    longest = max((len(s.response_ids) for s in samples), default=0)
+    R = longest if response_len is None else int(response_len)
+    if longest > R:
+        i = next(k for k, s in enumerate(samples) if len(s.response_ids) > R)
+        raise RolloutError(f"sample {i} has {len(samples[i].response_ids)} response tokens, more than response_len={R}")
+    B = len(samples)
+    out = {
+        "responses": torch.full((B, R), int(pad_token_id), dtype=torch.long),
+        "response_mask": torch.zeros(B, R, dtype=torch.long),
+        "rollout_log_prob": torch.zeros(B, R, dtype=torch.float32),
+        "prompt_index": torch.tensor([s.prompt_index for s in samples], dtype=torch.long),
+    }
+    shapes = {tuple(np.shape(s.routing)[1:]) for s in samples if s.routing is not None}
+    if len(shapes) > 1:
+        raise RolloutError(f"samples carry routing of different shapes {sorted(shapes)}")
+    if shapes:
+        L, k = shapes.pop()
+    elif num_moe_layers is not None and topk is not None:
+        L, k = int(num_moe_layers), int(topk)
+    else:
+        L = k = None
+    if L is not None:
+        out["rollout_routing"] = torch.full((B, R, L, k), -1, dtype=torch.long)
+    for i, s in enumerate(samples):
+        m = len(s.response_ids)
+        if len(s.log_probs) != m:
+            raise RolloutError(f"sample {i} has {m} response tokens but {len(s.log_probs)} log-probs")
+        out["responses"][i, :m] = torch.as_tensor(s.response_ids, dtype=torch.long)
+        out["response_mask"][i, :m] = 1
+        out["rollout_log_prob"][i, :m] = torch.as_tensor(s.log_probs, dtype=torch.float32)
+        if L is not None and s.routing is not None:
+            if np.shape(s.routing)[0] != m:
+                raise RolloutError(f"sample {i} has {m} response tokens but routing for {np.shape(s.routing)[0]}")
+            out["rollout_routing"][i, :m] = torch.as_tensor(np.asarray(s.routing), dtype=torch.long)
+    return out
+
+
+def shard_prompts(num_prompts: int, rank: int, world_size: int) -> List[int]:
+    """The global prompt indices data-parallel rank `rank` generates: rank::world_size."""
+    return list(range(rank, num_prompts, world_size))
+
+
+def merge_rank_batches(batches: Sequence[RolloutBatch], num_prompts: int) -> RolloutBatch:
+    """Merge per-rank batches (rank r generated prompts `shard_prompts(num_prompts, r, world)`, numbering them
+    0.. locally) into one batch in global order: prompt-major, then sample index. All ranks must have
+    generated with the same weight version."""
+    world = len(batches)
+    versions = {b.weight_version for b in batches}
+    if len(versions) > 1:
+        raise RolloutError(f"data-parallel engines hold different weight versions {sorted(versions)}")
+    merged: List[RolloutSample] = []
+    for r, b in enumerate(batches):
+        own = shard_prompts(num_prompts, r, world)
+        for s in b.samples:
+            if s.prompt_index >= len(own):
+                raise RolloutError(f"rank {r} returned prompt_index {s.prompt_index} but holds {len(own)} prompts")
+            merged.append(RolloutSample(own[s.prompt_index], s.sample_index, s.response_ids, s.log_probs,
+                                        s.finish_reason, s.routing))
+    merged.sort(key=lambda s: (s.prompt_index, s.sample_index))
+    return RolloutBatch(merged, versions.pop() if versions else 0, max((b.seconds for b in batches), default=0.0))
