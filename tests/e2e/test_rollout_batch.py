@@ -1,0 +1,92 @@
+"""Rollout bookkeeping without an engine: padding, data-parallel sharding/merge, captured-row mapping."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from upgrpo_megatron.rollout import RolloutBatch, RolloutError, RolloutSample, merge_rank_batches, pad_rollout_batch, shard_prompts
+from upgrpo_megatron.rollout.routing import native_response_routing, rows_per_sequence
+
+
+def _sample(pi, si, n_tokens, layers=2, k=2, base=0):
+    routing = (np.arange(n_tokens * layers * k).reshape(n_tokens, layers, k) + base) % 8
+    return RolloutSample(pi, si, list(range(3, 3 + n_tokens)), [-0.5] * n_tokens, "length", routing.astype(np.int16))
+
+
+def test_pad_rollout_batch_pads_responses_log_probs_and_routing():
+    batch = RolloutBatch([_sample(0, 0, 3), _sample(0, 1, 1)], weight_version=4)
+    t = pad_rollout_batch(batch, pad_token_id=9)
+    assert t["responses"].tolist() == [[3, 4, 5], [3, 9, 9]]
+    assert t["response_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert t["rollout_log_prob"].tolist() == [[-0.5] * 3, [-0.5, 0.0, 0.0]]
+    assert t["rollout_routing"].shape == (2, 3, 2, 2) and t["rollout_routing"].dtype == torch.int64
+    assert (t["rollout_routing"][1, 1:] == -1).all()
+    assert torch.equal(t["rollout_routing"][0], torch.as_tensor(batch.samples[0].routing, dtype=torch.long))
+
+
+def test_pad_rollout_batch_refuses_a_response_longer_than_response_len():
+    with pytest.raises(RolloutError, match="sample 1 has 5 response tokens, more than response_len=4"):
+        pad_rollout_batch(RolloutBatch([_sample(0, 0, 2), _sample(0, 1, 5)]), response_len=4)
+
+
+def test_pad_rollout_batch_without_routing_gives_minus_one_when_shape_is_given():
+    s = _sample(0, 0, 2)
+    s.routing = None
+    t = pad_rollout_batch(RolloutBatch([s]), num_moe_layers=3, topk=2)
+    assert t["rollout_routing"].shape == (1, 2, 3, 2) and (t["rollout_routing"] == -1).all()
+    assert "rollout_routing" not in pad_rollout_batch(RolloutBatch([s]))
+
+
+def test_data_parallel_shards_merge_back_into_global_prompt_major_order():
+    num_prompts, world, n = 5, 2, 2
+    assert shard_prompts(num_prompts, 0, world) == [0, 2, 4] and shard_prompts(num_prompts, 1, world) == [1, 3]
+    per_rank = []
+    for r in range(world):
+        own = shard_prompts(num_prompts, r, world)
+        samples = [_sample(local, j, 1 + own[local], base=own[local]) for local in range(len(own)) for j in range(n)]
+        per_rank.append(RolloutBatch(samples, weight_version=3, seconds=1.0 + r))
+    merged = merge_rank_batches(per_rank, num_prompts)
+    assert [(s.prompt_index, s.sample_index) for s in merged.samples] == [(i, j) for i in range(num_prompts) for j in range(n)]
+    assert [len(s.response_ids) for s in merged.samples] == [1 + i for i in range(num_prompts) for _ in range(n)]
+    assert merged.weight_version == 3 and merged.seconds == 2.0
+
+
+def test_data_parallel_merge_refuses_mixed_weight_versions():
+    with pytest.raises(RolloutError, match=r"different weight versions \[1, 2\]"):
+        merge_rank_batches([RolloutBatch([], 1), RolloutBatch([], 2)], 0)
+
+
+def _capture(passes, k=2, layers=(0, 1)):
+    """A capture record as worker_ext returns it (unpacked): per pass (ids, positions) and per-layer top-k
+    rows that encode (token id, layer) so the mapping can be checked."""
+    steps, per_layer = [], {lid: [] for lid in layers}
+    for ids, pos in passes:
+        steps.append((np.array(ids), np.array(pos)))
+        for lid in layers:
+            per_layer[lid].append(np.array([[t * 10 + lid, p] for t, p in zip(ids, pos)], dtype=np.int16)[:, :k])
+    return {"steps": steps, "layers": per_layer, "layer_ids": list(layers)}
+
+
+def test_captured_rows_map_back_to_sequences_across_a_chunked_prefill():
+    a, b, c = [1, 2, 3, 4, 5], [6, 7], [1, 2, 3, 4, 5]  # c repeats a
+    # pass 1: all of b, first 3 tokens of a (chunked); pass 2: the rest of a, then c in full
+    passes = [(b + a[:3], [0, 1, 0, 1, 2]), (a[3:] + c, [3, 4, 0, 1, 2, 3, 4])]
+    rows = rows_per_sequence(_capture(passes), [a, b, c])
+    assert [r.shape for r in rows] == [(5, 2, 2), (2, 2, 2), (5, 2, 2)]
+    assert rows[0][:, 1, 0].tolist() == [t * 10 + 1 for t in a] and rows[0][:, 0, 1].tolist() == [0, 1, 2, 3, 4]
+    assert rows[1][:, 0, 0].tolist() == [60, 70]
+
+
+def test_captured_rows_missing_a_sequence_is_an_error():
+    with pytest.raises(RolloutError, match="sequence 1 were not captured"):
+        rows_per_sequence(_capture([([1, 2], [0, 1])]), [[1, 2], [3, 4]])
+    with pytest.raises(RolloutError, match="continues no request"):
+        rows_per_sequence(_capture([([1, 2], [3, 4])]), [[1, 2]])
+
+
+def test_native_routing_keeps_the_response_positions():
+    routed = np.arange(7 * 2 * 2).reshape(7, 2, 2)
+    assert np.array_equal(native_response_routing(routed, 3, 4), routed[3:7])
+    assert native_response_routing(routed[:6], 3, 4) is None  # last response position missing: replay instead
