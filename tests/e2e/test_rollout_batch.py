@@ -90,3 +90,32 @@ def test_native_routing_keeps_the_response_positions():
     routed = np.arange(7 * 2 * 2).reshape(7, 2, 2)
     assert np.array_equal(native_response_routing(routed, 3, 4), routed[3:7])
     assert native_response_routing(routed[:6], 3, 4) is None  # last response position missing: replay instead
+
+
+def _hf_config_dir(tmp_path, **overrides):
+    import json
+
+    cfg = dict(model_type="qwen3_moe", vocab_size=32, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2)
+    cfg.update(overrides)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    return str(tmp_path)
+
+
+def test_unsupported_cpu_head_dim_is_refused_before_the_engine_starts(tmp_path):
+    pytest.importorskip("vllm")
+    from upgrpo_megatron.rollout import RolloutEngine
+
+    if torch.cuda.is_available():
+        pytest.skip("the head_dim restriction is the CPU attention backend's")
+    with pytest.raises(RolloutError, match=r"head_dim=16 is not supported by the CPU vLLM engine \(supported: .*64.*128"):
+        RolloutEngine(_hf_config_dir(tmp_path))
+
+
+def test_engine_refuses_a_directory_without_config_or_a_mismatched_topk(tmp_path):
+    from upgrpo_megatron.rollout import RolloutEngine
+
+    with pytest.raises(RolloutError, match="config.json not found"):
+        RolloutEngine(str(tmp_path / "nowhere"))
+    with pytest.raises(RolloutError, match=r"topk=4 does not match .*config.json \(2\)"):
+        RolloutEngine(_hf_config_dir(tmp_path, head_dim=64), topk=4)

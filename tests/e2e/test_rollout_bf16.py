@@ -11,6 +11,8 @@ pytest.importorskip("transformers")
 from tests.e2e.test_rollout_engine import MAX_LEN, MAX_TOKENS, N, PROMPTS, STOP, build_tiny_model, compare  # noqa: E402
 from upgrpo_megatron.rollout import RolloutEngine  # noqa: E402
 
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
 # bf16 keeps 8 mantissa bits (relative rounding 2^-9 ~ 2e-3 per operation). Measured here over 177 tokens:
 # log-prob mean |Δ| 1.5e-3, max 4.9e-3 nats; routing top-k sets agree on 99.4% of (token, layer) pairs
 # (2 of 354 flipped: near-ties between two experts' router scores). The bounds are ~4x the measured values:

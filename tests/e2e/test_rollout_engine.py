@@ -19,6 +19,8 @@ transformers = pytest.importorskip("transformers")
 
 from upgrpo_megatron.rollout import RolloutEngine, RolloutError, pad_rollout_batch  # noqa: E402
 
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
 TINY = dict(vocab_size=32, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             head_dim=64, intermediate_size=256, moe_intermediate_size=64, num_experts=8, num_experts_per_tok=2,
             norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False,

@@ -1,0 +1,110 @@
+"""Rollout tokens/s: our vLLM engine (samples + log-probs + rollout routing) vs transformers' `generate`.
+
+Same random Qwen3-MoE weights, same prompts, n samples per prompt, exactly `max_tokens` new tokens each (no
+stop token), sampling at temperature 1, log-probs of the sampled tokens returned by both. Ours also returns
+rollout routing (one extra prefill replay); ours without routing is reported in `extra`. Also reported: engine
+start time and in-memory weight sync time. One run, same machine, same threads.
+
+    python bench/rollout.py            # medium model (hidden 512, 4 layers, 16 experts), 16 prompts x 8 x 64 tokens
+    python bench/rollout.py --tiny     # the tests' tiny model, seconds of generation (used as a smoke run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from bench.common import record, timeit  # noqa: E402
+
+MEDIUM = dict(model=dict(vocab_size=8192, hidden_size=512, num_hidden_layers=4, num_attention_heads=8,
+                         num_key_value_heads=4, head_dim=64, intermediate_size=1024, moe_intermediate_size=256,
+                         num_experts=16, num_experts_per_tok=2),
+              prompts=16, prompt_len=32, n=8, max_tokens=64)
+TINY = dict(model=dict(vocab_size=32, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=64, intermediate_size=256, moe_intermediate_size=64,
+                       num_experts=8, num_experts_per_tok=2),
+            prompts=4, prompt_len=8, n=2, max_tokens=8)
+
+
+def build_model(c):
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen3MoeConfig(**c["model"], norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                         tie_word_embeddings=False, max_position_embeddings=512)
+    cfg._attn_implementation = "sdpa"
+    return Qwen3MoeForCausalLM(cfg).eval()
+
+
+def bench_transformers(model, prompts, c, repeats):
+    ids = torch.tensor(prompts).repeat_interleave(c["n"], dim=0)  # [prompts * n, prompt_len], equal lengths
+
+    def run():
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0,
+                                 top_p=1.0, max_new_tokens=c["max_tokens"], min_new_tokens=c["max_tokens"],
+                                 eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+        new = out.sequences[:, ids.shape[1]:]
+        logits = torch.stack(out.logits, 1).float()  # raw logits, like the engine's raw log-probs
+        return torch.log_softmax(logits, -1).gather(-1, new[..., None]).squeeze(-1)
+
+    return timeit(run, warmup=1, repeats=repeats)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--results", default=None, help="results.json to merge into (default bench/results.json)")
+    a = ap.parse_args(argv)
+    c = TINY if a.tiny else MEDIUM
+    repeats = a.repeats or (2 if a.tiny else 3)
+    model = build_model(c)
+    g = torch.Generator().manual_seed(1)
+    prompts = torch.randint(3, c["model"]["vocab_size"], (c["prompts"], c["prompt_len"]), generator=g).tolist()
+    tokens = c["prompts"] * c["n"] * c["max_tokens"]
+
+    theirs = bench_transformers(model, prompts, c, repeats)
+
+    from upgrpo_megatron.rollout import RolloutEngine
+
+    hf_dir = tempfile.mkdtemp(prefix="bench_rollout_")
+    model.save_pretrained(hf_dir)
+    t0 = time.perf_counter()
+    engine = RolloutEngine(hf_dir, dtype="float32", seed=1, max_model_len=c["prompt_len"] + c["max_tokens"])
+    start_s = time.perf_counter() - t0
+    try:
+        kw = dict(n=c["n"], temperature=1.0, max_tokens=c["max_tokens"], stop_token_ids=[], seed=3)
+        ours = timeit(lambda: engine.generate(prompts, **kw), warmup=1, repeats=repeats)
+        engine.capture_routing = False
+        ours_no_routing = timeit(lambda: engine.generate(prompts, **kw), warmup=0, repeats=repeats)
+        engine.capture_routing = True
+        state = list(model.state_dict().items())
+        sync = timeit(lambda: engine.update_weights(state, version=1), warmup=1, repeats=repeats)
+        sync_bytes = sum(t.numel() * t.element_size() for _, t in state)
+    finally:
+        engine.shutdown()
+    ours_tps, theirs_tps = tokens / ours["median"], tokens / theirs["median"]
+    entry = record(
+        "rollout" + ("_tiny" if a.tiny else ""), ours_tps, theirs_tps, ours_tps / theirs_tps, "tokens/s",
+        config={**{k: v for k, v in c.items() if k != "model"}, **c["model"], "dtype": "float32",
+                "threads": torch.get_num_threads()},
+        extra={"ours_s": ours, "theirs_s": theirs, "ours_without_routing_tokens_per_s": tokens / ours_no_routing["median"],
+               "engine_start_s": start_s, "weight_sync_s": sync, "weight_sync_bytes": sync_bytes,
+               "weight_sync_GB_per_s": sync_bytes / sync["median"] / 1e9},
+        path=a.results,
+    )
+    print(f"rollout: ours {ours_tps:.0f} tokens/s (without routing {entry['extra']['ours_without_routing_tokens_per_s']:.0f}), "
+          f"transformers generate {theirs_tps:.0f} tokens/s, ratio {entry['ratio']:.2f}x; engine start {start_s:.0f}s; "
+          f"weight sync {sync['median']:.2f}s for {sync_bytes / 1e6:.1f} MB")
+
+
+if __name__ == "__main__":
+    main()
