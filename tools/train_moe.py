@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     ap.add_argument("--world-size", type=int, default=None,
                     help="world size for --dry-run (default: WORLD_SIZE, else trainer.world_size_hint, else 1)")
     ap.add_argument("--debug", action="store_true", help="show full tracebacks")
-    a = ap.parse_args(argv)
+    a = ap.parse_intermixed_args(argv)  # overrides may come before or after the flags
 
     from upgrpo_megatron.errors import exit_with_message, user_error_types
 

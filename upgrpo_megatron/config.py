@@ -17,8 +17,10 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
+from upgrpo_megatron.errors import UpgrpoError
 
-class ConfigError(ValueError):
+
+class ConfigError(UpgrpoError, ValueError):
     """A recipe or override is invalid; the message names the key and where it came from."""
 
 

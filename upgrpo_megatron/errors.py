@@ -1,7 +1,7 @@
 """User-facing errors: one line that names the setting, file or row, never a bare traceback.
 
 Every module raises its own subclass of `ValueError` for bad input (ConfigError, DatasetError, ...);
-entry points catch `user_error_types()` (all of them), print `error: <message>` and exit with status 2.
+entry points catch `UpgrpoError` (the base of all of them), print `error: <message>` and exit with status 2.
 """
 
 from __future__ import annotations
@@ -23,16 +23,10 @@ class TrainingStopped(UpgrpoError):
 
 
 def user_error_types() -> tuple:
-    """Exception classes that mean 'the input is wrong' and print as one line."""
-    types = [UpgrpoError]
-    for mod, name in [("upgrpo_megatron.config", "ConfigError"), ("upgrpo_megatron.data", "DatasetError"),
-                      ("upgrpo_megatron.rollout", "RolloutError"), ("upgrpo_megatron.convert", "ConversionError")]:
-        try:
-            module = __import__(mod, fromlist=[name])
-            types.append(getattr(module, name))
-        except Exception:
-            pass
-    return tuple(types)
+    """Exception classes that mean 'the input is wrong' and print as one line. Every module's error class
+    (ConfigError, DatasetError, ConversionError, CheckpointError, RolloutError, ...) derives from
+    UpgrpoError, so catching it needs no import of the heavy modules."""
+    return (UpgrpoError,)
 
 
 def exit_with_message(e: BaseException, debug: bool = False) -> int:

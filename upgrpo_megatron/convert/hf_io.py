@@ -16,9 +16,38 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 
+from upgrpo_megatron.errors import UpgrpoError
 
-class ConversionError(ValueError):
+
+class ConversionError(UpgrpoError, ValueError):
     """A checkpoint or HF directory cannot be converted; the message names the file or tensor."""
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "vocab.txt", "chat_template.jinja",
+                   "chat_template.json")
+
+
+class TokenizerFiles:
+    """Tokenizer files on disk, carried from one directory to another. Has `save_pretrained(dir)` like a
+    transformers tokenizer, so the HF and checkpoint writers accept either."""
+
+    def __init__(self, files):
+        self.files = [Path(f) for f in files]
+
+    def __bool__(self):
+        return bool(self.files)
+
+    def save_pretrained(self, out_dir) -> None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for f in self.files:
+            shutil.copyfile(f, out / f.name)
+
+    @classmethod
+    def from_dir(cls, d) -> "TokenizerFiles":
+        d = Path(d)
+        return cls([d / f for f in TOKENIZER_FILES if (d / f).is_file()])
 
 
 SUPPORTED = {"qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
@@ -29,21 +58,57 @@ def _rope_theta(hf: dict) -> float:
     return float(hf.get("rope_theta") or rp.get("rope_theta") or 10000.0)
 
 
-def hf_config_to_model_cfg(hf: Dict[str, Any], source: str = "config.json") -> Dict[str, Any]:
-    """HF config.json -> the recipe's `model:` section. Unsupported features are refused by name."""
-    mt = hf.get("model_type")
-    if mt not in SUPPORTED:
-        raise ConversionError(f"{source}: unsupported architecture model_type='{mt}' (supported: {', '.join(SUPPORTED)})")
+def _refuse_unsupported(hf: Dict[str, Any], source: str) -> None:
+    """Fields whose value would change the model's function in a way our Megatron model does not implement.
+    Each is refused by name rather than silently converted into a different model."""
+    mt = hf["model_type"]
+    for key in ("rope_scaling", "rope_parameters"):
+        rp = hf.get(key)
+        if isinstance(rp, dict) and rp.get("rope_type", rp.get("type", "default")) not in ("default", None):
+            raise ConversionError(f"{source}: {key}={rp!r} is not supported (only default RoPE)")
     if hf.get("use_sliding_window"):
         raise ConversionError(f"{source}: use_sliding_window=true is not supported")
-    rs = hf.get("rope_scaling") or (hf.get("rope_parameters") or {}).get("rope_type", "default")
-    if rs not in (None, "default") and rs != {}:
-        raise ConversionError(f"{source}: rope_scaling={rs!r} is not supported")
+    bad_layers = sorted({t for t in (hf.get("layer_types") or []) if t != "full_attention"})
+    if bad_layers:
+        raise ConversionError(f"{source}: layer_types={bad_layers} is not supported (only full_attention)")
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise ConversionError(f"{source}: hidden_act='{act}' is not supported (only silu)")
+    if mt == "qwen3_moe" and hf.get("attention_bias"):
+        raise ConversionError(f"{source}: attention_bias=true is not supported for qwen3_moe")
+    if mt == "qwen2_moe" and hf.get("qkv_bias") is False:
+        raise ConversionError(f"{source}: qkv_bias=false is not supported for qwen2_moe")
     if int(hf.get("decoder_sparse_step", 1)) != 1:
         raise ConversionError(f"{source}: decoder_sparse_step={hf['decoder_sparse_step']} is not supported (only 1)")
     dense = sorted(hf.get("mlp_only_layers") or [])
     if dense != list(range(len(dense))):
         raise ConversionError(f"{source}: mlp_only_layers={dense} is not supported (only a prefix 0..k-1)")
+    if hf.get("num_hidden_layers") is not None and len(dense) >= int(hf["num_hidden_layers"]):
+        raise ConversionError(f"{source}: mlp_only_layers={dense} leaves no MoE layer")
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "moe_intermediate_size",
+                "num_experts_per_tok"):
+        if key not in hf:
+            raise ConversionError(f"{source}: required field '{key}' is missing")
+    if "num_experts" not in hf and "num_local_experts" not in hf:
+        raise ConversionError(f"{source}: required field 'num_experts' is missing")
+
+
+def _model_dtype(hf: Dict[str, Any], source: str) -> str:
+    name = str(hf.get("dtype") or hf.get("torch_dtype") or "float32").replace("torch.", "")
+    if name not in ("float32", "bfloat16"):
+        raise ConversionError(f"{source}: dtype='{name}' is not supported (float32 or bfloat16)")
+    return "bf16" if name == "bfloat16" else "fp32"
+
+
+def hf_config_to_model_cfg(hf: Dict[str, Any], source: str = "config.json") -> Dict[str, Any]:
+    """HF config.json -> the recipe's `model:` section. Unsupported features are refused by name."""
+    mt = hf.get("model_type")
+    if mt not in SUPPORTED:
+        archs = hf.get("architectures")
+        raise ConversionError(f"{source}: unsupported architecture model_type='{mt}'"
+                              f"{f' ({archs[0]})' if archs else ''} (supported: {', '.join(SUPPORTED)})")
+    _refuse_unsupported(hf, source)
+    dense = sorted(hf.get("mlp_only_layers") or [])
     heads = int(hf["num_attention_heads"])
     cfg = {
         "architecture": mt,
@@ -65,7 +130,7 @@ def hf_config_to_model_cfg(hf: Dict[str, Any], source: str = "config.json") -> D
         "max_position_embeddings": int(hf.get("max_position_embeddings", 4096)),
         "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False)),
         "moe_aux_loss_coeff": 0.0,
-        "dtype": "bf16" if str(hf.get("torch_dtype") or hf.get("dtype") or "float32") in ("bfloat16", "torch.bfloat16") else "fp32",
+        "dtype": _model_dtype(hf, source),
     }
     if mt == "qwen2_moe" and cfg["head_dim"] * heads != cfg["hidden_size"]:
         raise ConversionError(f"{source}: qwen2_moe needs head_dim * num_attention_heads == hidden_size")
@@ -104,7 +169,10 @@ def model_cfg_to_hf_config(cfg, tokenizer=None) -> Dict[str, Any]:
         "use_sliding_window": False,
         "output_router_logits": False,
         "router_aux_loss_coef": float(_g(cfg, "moe_aux_loss_coeff", 0.0) or 0.0),
+        # transformers 5 reads "dtype" (4.x "torch_dtype"); RoPE as both the 5.x and the legacy field
+        "dtype": "bfloat16" if _g(cfg, "dtype", "fp32") == "bf16" else "float32",
         "torch_dtype": "bfloat16" if _g(cfg, "dtype", "fp32") == "bf16" else "float32",
+        "rope_parameters": {"rope_type": "default", "rope_theta": float(_g(cfg, "rope_theta", 1e6))},
         "initializer_range": float(_g(cfg, "init_std", 0.02)),
     }
     if arch == "qwen2_moe":
@@ -156,6 +224,30 @@ class HFReader:
     def keys(self):
         return self.where.keys()
 
+    def shape(self, name: str) -> Tuple[int, ...]:
+        """Shape from the safetensors header (no tensor bytes are read)."""
+        if name not in self.where:
+            raise ConversionError(f"{self.dir}: tensor '{name}' is missing")
+        return tuple(self._handles[self.where[name]].get_slice(name).get_shape())
+
+    def validate(self, expected: Dict[str, Tuple[int, ...]]) -> None:
+        """Every expected tensor is present with the expected shape and nothing else is there. Reads only
+        the safetensors headers, so a bad directory is refused before anything is converted or written."""
+        for name, shape in expected.items():
+            got = self.shape(name)
+            if got != tuple(shape):
+                raise ConversionError(f"{self.dir / self.where[name]}: tensor '{name}' has shape {list(got)}, "
+                                      f"config.json implies {list(shape)}")
+        extra = sorted(k for k in self.where if k not in expected and not k.endswith("rotary_emb.inv_freq"))
+        if extra:
+            raise ConversionError(f"{self.dir / self.where[extra[0]]}: tensor '{extra[0]}' is not part of the "
+                                  f"{self.config.get('model_type')} architecture described by config.json"
+                                  + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+
+    def tokenizer_files(self) -> list:
+        """Tokenizer files of this directory (copied along by the converters)."""
+        return [self.dir / f for f in TOKENIZER_FILES if (self.dir / f).is_file()]
+
     def get(self, name: str) -> torch.Tensor:
         if name not in self.where:
             raise ConversionError(f"{self.dir}: tensor '{name}' is missing")
@@ -169,62 +261,70 @@ def _dtype_of(cfg) -> torch.dtype:
     return torch.bfloat16 if _g(cfg, "dtype", "fp32") == "bf16" else torch.float32
 
 
-def write_hf_dir(cfg, tensors: Iterator[Tuple[str, torch.Tensor]], out_dir, *, tokenizer=None,
-                 overwrite: bool = False, max_shard_bytes: int = 2 * 1024**3, progress=None) -> Path:
-    """Stream HF-named tensors into `out_dir` (config.json, generation_config.json, safetensors, tokenizer).
-
-    Refuses a non-empty `out_dir` unless `overwrite`; writes into a temporary sibling and renames it.
-    """
-    from safetensors.torch import save_file
-
+def check_output_dir(out_dir, overwrite: bool) -> Path:
+    """Refuse a non-empty output directory unless `overwrite` (nothing is written either way)."""
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConversionError(f"output {out} exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConversionError(f"output directory {out} is not empty (use --force to replace it)")
+    return out
+
+
+def write_hf_dir(cfg, tensors: Iterator[Tuple[str, torch.Tensor]], out_dir, *, tokenizer=None,
+                 overwrite: bool = False, max_shard_bytes: int = 2 * 1024**3, progress=None,
+                 hf_config_extra: Optional[Dict[str, Any]] = None,
+                 generation_config: Optional[Dict[str, Any]] = None) -> Path:
+    """Stream HF-named tensors into `out_dir` (config.json, generation_config.json, safetensors, tokenizer).
+
+    The tensor set and shapes come from the architecture's mapping (`hf_shapes`), so the safetensors headers
+    are written first and each tensor is written to disk as it arrives: memory holds one tensor group, not a
+    shard. One `model.safetensors` up to `max_shard_bytes`, above that `model-0000i-of-0000n.safetensors`
+    with `model.safetensors.index.json`. Refuses a non-empty `out_dir` unless `overwrite`; writes into a
+    temporary sibling and renames it, so a failure leaves nothing behind. `hf_config_extra` (token ids)
+    is merged into config.json; `generation_config` replaces the default generation_config.json.
+    """
+    from upgrpo_megatron.convert.qwen_moe import hf_shapes
+    from upgrpo_megatron.convert.safetensors_stream import StreamedSafetensors, StreamedShardsError, plan_shards
+
+    out = check_output_dir(out_dir, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    writer = None
     try:
         dtype = _dtype_of(cfg)
-        shards, current, size, weight_map = [], {}, 0, {}
-
-        def flush():
-            nonlocal current, size
-            if current:
-                name = f"shard-{len(shards):05d}.safetensors"
-                save_file(current, str(tmp / name), metadata={"format": "pt"})
-                shards.append((name, list(current)))
-                current, size = {}, 0
-
-        for name, t in tensors:
-            t = t.detach().to(dtype).contiguous().cpu()
-            nbytes = t.numel() * t.element_size()
-            if current and size + nbytes > max_shard_bytes:
-                flush()
-            current[name] = t.clone() if t.storage_offset() or not t.is_contiguous() else t
-            size += nbytes
-            if progress is not None:
-                progress.update(1)
-        flush()
-        if len(shards) == 1:
-            os.rename(tmp / shards[0][0], tmp / "model.safetensors")
-        else:
-            total = 0
-            for i, (name, keys) in enumerate(shards):
-                final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                os.rename(tmp / name, tmp / final)
-                total += (tmp / final).stat().st_size
-                weight_map.update({k: final for k in keys})
+        planned = plan_shards(list(hf_shapes(cfg).items()), dtype, max_shard_bytes)
+        n = len(planned)
+        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        writer = StreamedSafetensors(tmp, list(zip(names, planned)), dtype)
+        try:
+            for name, t in tensors:
+                writer.write(name, t)
+                if progress is not None:
+                    progress.update(1)
+            writer.close()
+        except StreamedShardsError as e:
+            raise ConversionError(f"writing {out}: {e}") from None
+        if n > 1:
+            weight_map = {k: f for f, shard in zip(names, planned) for k, _ in shard}
+            total = sum(dtype.itemsize * int(torch.Size(s).numel()) for shard in planned for _, s in shard)
             (tmp / "model.safetensors.index.json").write_text(
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         hf_cfg = model_cfg_to_hf_config(cfg, tokenizer)
+        hf_cfg.update(hf_config_extra or {})
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
-        gen = {k: hf_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf_cfg}
-        (tmp / "generation_config.json").write_text(json.dumps({**gen, "do_sample": True}, indent=2))
+        if generation_config is None:
+            gen = {k: hf_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf_cfg.get(k) is not None}
+            generation_config = {**gen, "do_sample": True}
+        (tmp / "generation_config.json").write_text(json.dumps(generation_config, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         if out.exists():
             shutil.rmtree(out)
         os.rename(tmp, out)
     except BaseException:
+        if writer is not None:
+            writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out

@@ -12,8 +12,10 @@ import re
 from pathlib import Path
 from typing import Any, List, Tuple
 
+from upgrpo_megatron.errors import UpgrpoError
 
-class DatasetError(ValueError):
+
+class DatasetError(UpgrpoError, ValueError):
     """The dataset cannot be read as asked; the message names the file and row."""
 
 

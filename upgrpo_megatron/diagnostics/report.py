@@ -11,6 +11,8 @@ from typing import Dict, List
 
 import numpy as np
 
+from upgrpo_megatron.errors import UpgrpoError
+
 CURVES = [
     ("val/acc", "validation accuracy"),
     ("critic/score/mean", "training reward"),
@@ -26,7 +28,7 @@ CURVES = [
 GROUPS = ["A>0 matched", "A>0 mismatched", "A<=0 matched", "A<=0 mismatched"]
 
 
-class ReportError(ValueError):
+class ReportError(UpgrpoError, ValueError):
     """The run directory cannot be reported on."""
 
 

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from upgrpo_megatron.errors import UpgrpoError
 from upgrpo_megatron.megatron import compat
 
 compat.apply_cpu_patches()
@@ -36,7 +37,7 @@ from megatron.core import parallel_state as ps  # noqa: E402
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UpgrpoError, ValueError):
     """A checkpoint cannot be used (incomplete, corrupt, other architecture)."""
 
 
