@@ -1,117 +1,171 @@
 """Per-step diagnostics for the trainer: scalars into the step's metrics, layer x expert arrays on disk.
 
-`rollout_vs_train(batch)` compares the trainer's routing at pi_old with the rollout engine's, and
-pi_old with pi_rollout; `drift_collector(...)` gathers the routing and log-ratio of every update micro-batch
-(pi_theta vs pi_old); `finish_drift()` reduces them. Arrays go to `RUN_DIR/diagnostics/step_000012.npz`.
+Two pure functions bundle the statistics (no Megatron, no vLLM):
+- `step_diagnostics(...)`   trainer routing at pi_old vs rollout routing, pi_old vs pi_rollout, loads, validity;
+- `update_diagnostics(...)` routing drift pi_old -> pi_theta and the update ratio pi_theta / pi_old.
+Each returns `(metrics, arrays)`: metrics with full names (`mismatch/...`, `routing/...`), arrays keyed by
+identifier-safe names for `DiagnosticsWriter`.
+
+`StepDiagnostics` is the trainer-facing object: `rollout_vs_train(batch, step)` after the pi_old pass,
+`drift_collector(epoch)` as the update's per-micro-batch callback, `finish_drift(step)` at the end of the update
+(which also writes `RUN_DIR/diagnostics/step_XXXXXX.npz`).
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 
-from upgrpo_megatron.diagnostics.stats import (
-    capture_validity,
-    expert_load,
-    prob_gap,
-    ratio_stats_per_expert,
-    routing_mismatch,
+from upgrpo_megatron.diagnostics.ratio_stats import (
+    HIST_EDGES,
+    compute_prob_gap,
+    compute_ratio_stats,
+    log_ratio_histogram,
 )
+from upgrpo_megatron.diagnostics.routing_stats import (
+    check_capture_validity,
+    compute_expert_load,
+    compute_routing_mismatch,
+)
+from upgrpo_megatron.diagnostics.storage import DiagnosticsWriter, append_samples  # noqa: F401 (re-export)
+
+Metrics = Dict[str, float]
+Arrays = Dict[str, torch.Tensor]
 
 
-class DiagnosticsWriter:
-    def __init__(self, run_dir):
-        self.dir = Path(run_dir) / "diagnostics"
-        self.dir.mkdir(parents=True, exist_ok=True)
+def step_diagnostics(*, response_mask: torch.Tensor, advantages: torch.Tensor, old_log_prob: torch.Tensor,
+                     rollout_log_prob: torch.Tensor, train_routing: Optional[torch.Tensor],
+                     rollout_routing: Optional[torch.Tensor], num_experts: int, clip_low: float, clip_high: float,
+                     router_scores: Optional[torch.Tensor] = None, taus: Sequence[float] = (2, 5, 10),
+                     threshold: float = 0.5) -> Tuple[Metrics, Arrays]:
+    """Train vs rollout diagnostics of one RL step.
 
-    def write(self, step: int, arrays: Dict[str, torch.Tensor]) -> Path:
-        path = self.dir / f"step_{step:06d}.npz"
-        tmp = self.dir / f".step_{step:06d}.tmp.npz"
-        np.savez_compressed(tmp, **{k: v.detach().cpu().numpy().astype(np.float32) for k, v in arrays.items()})
-        tmp.replace(path)
-        return path
+    response_mask, advantages, old_log_prob (pi_old, trainer), rollout_log_prob (pi_rollout, engine):
+    `[batch, response_len]`; train_routing, rollout_routing: `[batch, response_len, moe_layers, topk]` int64
+    or None (not recorded / not captured: the routing statistics are skipped, the probability gap is not);
+    router_scores: optional trainer router probabilities `[batch, response_len, moe_layers, num_experts]`.
+
+    Metrics: `mismatch/routing/*` (RoutingMismatch scalars), `mismatch/*` (compute_prob_gap),
+    `mismatch/ratio/*` (token-level pi_old/pi_rollout ratio stats by split, + expert_var_max),
+    `routing/rollout_capture/*` (check_capture_validity), `routing/{train,rollout}_load/*` (imbalance).
+    Arrays: `mismatch_layer_*` [L], `mismatch_expert_*` [L, E], `train_rollout_ratio_*` [L, E, 2, 2],
+    `load_train`, `load_rollout` [L, E], `hist_train_rollout` [2, 2, bins], `hist_edges` [bins + 1].
+    """
+    m: Metrics = {f"mismatch/{k}": v for k, v in
+                  compute_prob_gap(old_log_prob, rollout_log_prob, response_mask, taus, threshold).items()}
+    arrays: Arrays = {"hist_edges": HIST_EDGES}
+    log_ratio = old_log_prob - rollout_log_prob
+    token_mis = torch.zeros_like(response_mask, dtype=torch.bool)
+    if rollout_routing is not None:
+        valid = check_capture_validity(rollout_routing, response_mask, num_experts)
+        m.update({f"routing/rollout_capture/{k}": v for k, v in valid.items()})
+        load_s, load = compute_expert_load(rollout_routing, response_mask, num_experts)
+        m.update({f"routing/rollout_load/{k}": v for k, v in load_s.items()})
+        arrays["load_rollout"] = load
+    if train_routing is not None:
+        load_s, load = compute_expert_load(train_routing, response_mask, num_experts)
+        m.update({f"routing/train_load/{k}": v for k, v in load_s.items()})
+        arrays["load_train"] = load
+    if train_routing is not None and rollout_routing is not None:
+        mm = compute_routing_mismatch(train_routing, rollout_routing, response_mask, num_experts, router_scores)
+        m.update(mm.metrics("mismatch/routing"))
+        arrays.update(mm.arrays("mismatch"))
+        ratio = compute_ratio_stats(log_ratio, train_routing, response_mask, advantages, mm.mismatched,
+                                    num_experts, clip_low, clip_high)
+        m.update(ratio.metrics("mismatch/ratio"))
+        arrays.update(ratio.arrays("train_rollout_ratio"))
+        token_mis = mm.mismatched.any(-1)
+    arrays["hist_train_rollout"] = log_ratio_histogram(log_ratio, response_mask, advantages, token_mis)
+    return m, arrays
 
 
-def read_diagnostics(run_dir) -> Dict[int, Dict[str, np.ndarray]]:
-    out = {}
-    for p in sorted((Path(run_dir) / "diagnostics").glob("step_*.npz")):
-        with np.load(p) as z:
-            out[int(p.stem.split("_")[1])] = {k: z[k] for k in z.files}
-    return out
+def update_diagnostics(*, response_mask: torch.Tensor, advantages: torch.Tensor, old_log_prob: torch.Tensor,
+                       log_prob: torch.Tensor, old_routing: torch.Tensor, new_routing: Optional[torch.Tensor],
+                       num_experts: int, clip_low: float, clip_high: float) -> Tuple[Metrics, Arrays]:
+    """Routing drift and update-ratio diagnostics of (a concatenation of) update micro-batches.
+
+    Token tensors `[n, response_len]`: log_prob = pi_theta at the time the micro-batch was trained on;
+    old_routing (pi_old) / new_routing (pi_theta, or None when not recorded, e.g. under routing replay):
+    `[n, response_len, moe_layers, topk]`. Metrics: `routing/drift/*`, `routing/update_ratio/*`.
+    Arrays: `drift_layer_*`, `drift_expert_*`, `update_ratio_*`, `hist_update`.
+    """
+    m: Metrics = {}
+    arrays: Arrays = {}
+    log_ratio = log_prob - old_log_prob
+    L = old_routing.shape[2]
+    mismatched = torch.zeros(*response_mask.shape, L, dtype=torch.bool)
+    if new_routing is not None:
+        mm = compute_routing_mismatch(old_routing, new_routing, response_mask, num_experts)
+        m.update(mm.metrics("routing/drift"))
+        arrays.update(mm.arrays("drift"))
+        mismatched = mm.mismatched
+    ratio = compute_ratio_stats(log_ratio, old_routing, response_mask, advantages, mismatched, num_experts,
+                                clip_low, clip_high)
+    m.update(ratio.metrics("routing/update_ratio"))
+    arrays.update(ratio.arrays("update_ratio"))
+    arrays["hist_update"] = log_ratio_histogram(log_ratio, response_mask, advantages, mismatched.any(-1))
+    return m, arrays
 
 
 class StepDiagnostics:
+    """Trainer-facing: collects one RL step's diagnostics and writes its arrays (rank 0 only)."""
+
     def __init__(self, run_dir, *, num_experts: int, clip_low: float, clip_high: float,
                  taus=(2.0, 5.0, 10.0), threshold: float = 0.5, save_every: int = 1, enabled_writer: bool = True):
         self.E = num_experts
         self.clip = (clip_low, clip_high)
-        self.taus, self.threshold, self.save_every = tuple(taus), threshold, save_every
+        self.taus, self.threshold, self.save_every = tuple(taus), threshold, max(1, int(save_every))
         self.writer = DiagnosticsWriter(run_dir) if enabled_writer else None
-        self.arrays: Dict[str, torch.Tensor] = {}
+        self.arrays: Arrays = {}
         self._drift: List[dict] = []
 
-    def rollout_vs_train(self, batch: Dict[str, torch.Tensor], step: int) -> Dict[str, float]:
-        """Trainer routing at pi_old vs rollout routing; pi_old vs pi_rollout; loads; capture validity."""
-        mask, train_r, roll_r = batch["response_mask"], batch["routing"], batch["rollout_routing"]
-        m: Dict[str, float] = {}
-        validity = capture_validity(roll_r, mask, self.E)
-        m.update({f"routing/rollout_capture_{k}": v for k, v in validity.items()})
-        scal, arr = routing_mismatch(train_r, roll_r, mask, self.E, prefix="mismatch/routing")
-        m.update(scal)
-        m.update(prob_gap(batch["old_log_prob"], batch["rollout_log_prob"], mask, self.taus, self.threshold))
-        ratio = ratio_stats_per_expert(batch["old_log_prob"] - batch["rollout_log_prob"], train_r, mask,
-                                       batch["advantages"], arr["mismatched"], self.E, *self.clip)
-        lt, load_t = expert_load(train_r, mask, self.E)
-        lr, load_r = expert_load(roll_r, mask, self.E)
-        m.update({"routing/train_load_max_over_mean": lt["max_over_mean"], "routing/train_load_cv": lt["cv"],
-                  "routing/rollout_load_max_over_mean": lr["max_over_mean"], "routing/rollout_load_cv": lr["cv"]})
-        self.arrays = {"mismatch_layer_pair_frac": arr["layer_pair_frac"], "mismatch_expert_flip_rate": arr["expert_flip_rate"],
-                       "load_train": load_t, "load_rollout": load_r,
-                       **{f"train_rollout_{k}": v for k, v in ratio.items()}}
-        # log-ratio samples for histograms: pi_old / pi_rollout of every real token, with adv sign and match flag
-        real = mask > 0
-        self.arrays["hist_log_ratio_train_rollout"] = (batch["old_log_prob"] - batch["rollout_log_prob"])[real]
-        self.arrays["hist_adv_positive"] = (batch["advantages"] > 0)[real].float()
-        self.arrays["hist_token_mismatched"] = arr["mismatched"].any(-1)[real].float()
+    def rollout_vs_train(self, batch: Dict[str, torch.Tensor], step: int) -> Metrics:
+        """After the pi_old pass. batch keys: response_mask, advantages, old_log_prob, rollout_log_prob,
+        routing (trainer, optional), rollout_routing (optional), router_scores (optional)."""
+        m, self.arrays = step_diagnostics(
+            response_mask=batch["response_mask"], advantages=batch["advantages"],
+            old_log_prob=batch["old_log_prob"], rollout_log_prob=batch["rollout_log_prob"],
+            train_routing=batch.get("routing"), rollout_routing=batch.get("rollout_routing"),
+            num_experts=self.E, clip_low=self.clip[0], clip_high=self.clip[1],
+            router_scores=batch.get("router_scores"), taus=self.taus, threshold=self.threshold)
         self.step = step
         return m
 
     def drift_collector(self, epoch: int):
+        """Callback `(micro_batch, routing_at_pi_theta or None, log_prob_at_pi_theta)` for the update loop."""
         def collect(mb, routing: Optional[torch.Tensor], log_prob: torch.Tensor) -> None:
-            self._drift.append({"epoch": epoch, "routing": routing, "old_routing": mb["routing"],
-                                "log_ratio": log_prob - mb["old_log_prob"], "mask": mb["response_mask"],
-                                "adv": mb["advantages"]})
+            self._drift.append({"epoch": epoch, "routing": routing, "old_routing": mb.get("routing"),
+                                "log_prob": log_prob.detach(), "old_log_prob": mb["old_log_prob"],
+                                "mask": mb["response_mask"], "adv": mb["advantages"]})
         return collect
 
-    def finish_drift(self, step: int) -> Dict[str, float]:
-        m: Dict[str, float] = {}
+    def finish_drift(self, step: int) -> Metrics:
+        """Reduce the collected micro-batches (all, and per PPO epoch / mini-batch) and write the step's arrays."""
+        m: Metrics = {}
         items, self._drift = self._drift, []
-        if items and all(i["routing"] is not None for i in items):
-            R = max(i["mask"].shape[1] for i in items)
-            cat = lambda k: torch.cat([i[k] for i in items])  # noqa: E731
-            old_r, new_r, mask = cat("old_routing"), cat("routing"), cat("mask")
-            scal, arr = routing_mismatch(old_r, new_r, mask, self.E, prefix="routing/drift")
-            m.update(scal)
-            ratio = ratio_stats_per_expert(cat("log_ratio"), old_r, mask, cat("adv"), arr["mismatched"], self.E, *self.clip)
-            self.arrays.update({"drift_layer_pair_frac": arr["layer_pair_frac"],
-                                "drift_expert_flip_rate": arr["expert_flip_rate"],
-                                **{f"update_{k}": v for k, v in ratio.items()}})
-            for e in sorted({i["epoch"] for i in items}):
-                sel = [i for i in items if i["epoch"] == e]
-                s, _ = routing_mismatch(torch.cat([i["old_routing"] for i in sel]), torch.cat([i["routing"] for i in sel]),
-                                        torch.cat([i["mask"] for i in sel]), self.E, prefix="routing/drift")
-                m[f"routing/drift/pair_frac_epoch{e}"] = s["routing/drift/pair_frac"]
+        items = [i for i in items if i["old_routing"] is not None]
+        if items:
+            cat = lambda key, sel=items: torch.cat([i[key] for i in sel])  # noqa: E731
+            has_new = all(i["routing"] is not None for i in items)
+            dm, darr = update_diagnostics(
+                response_mask=cat("mask"), advantages=cat("adv"), old_log_prob=cat("old_log_prob"),
+                log_prob=cat("log_prob"), old_routing=cat("old_routing"),
+                new_routing=cat("routing") if has_new else None,
+                num_experts=self.E, clip_low=self.clip[0], clip_high=self.clip[1])
+            m.update(dm)
+            self.arrays.update(darr)
+            if has_new:
+                per_mb = []
+                for e in sorted({i["epoch"] for i in items}):
+                    sel = [i for i in items if i["epoch"] == e]
+                    mm = compute_routing_mismatch(cat("old_routing", sel), cat("routing", sel), cat("mask", sel), self.E)
+                    m[f"routing/drift/pair_frac_epoch{e}"] = mm.scalars["pair_frac"]
+                for i in items:  # per micro-batch, in update order: does drift grow within the step?
+                    per_mb.append(compute_routing_mismatch(i["old_routing"], i["routing"], i["mask"], self.E)
+                                  .scalars["pair_frac"])
+                self.arrays["drift_pair_frac_per_micro_batch"] = torch.tensor(per_mb, dtype=torch.float64)
         if self.writer is not None and self.arrays and step % self.save_every == 0:
             self.writer.write(step, self.arrays)
+        self.arrays = {}
         return m
-
-
-def append_samples(run_dir, step: int, rows: List[dict]) -> None:
-    """Sample rollouts for the report: one JSON line each (prompt, response, reward)."""
-    with open(Path(run_dir) / "samples.jsonl", "a") as f:
-        for r in rows:
-            f.write(json.dumps({"step": step, **r}) + "\n")
