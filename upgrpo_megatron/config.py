@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +77,9 @@ class DataConfig:
     num_train: int = 4096
     num_val: int = 128
     arithmetic_max_operand: int = 20
+    arithmetic_ops: List[str] = field(default_factory=lambda: ["+", "-"])
+    apply_chat_template: bool = True      # chat-list prompts go through the tokenizer's chat template
+    filter_overlong_prompts: bool = False  # drop (and count) prompts longer than max_prompt_length
     skip_malformed_rows: bool = False
     seed: int = 1234
 
@@ -173,7 +177,8 @@ class RecipeConfig:
     actor: ActorConfig = field(default_factory=ActorConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    source: str = field(default="<defaults>", metadata={"internal": True})
+    # where the recipe came from (for messages); not a recipe key, not compared
+    source: str = field(default="<defaults>", compare=False, metadata={"internal": True})
 
 
 CHOICES = {
@@ -199,7 +204,7 @@ POSITIVE = [
     "data.arithmetic_max_operand", "sft_warmup.batch_size", "rollout.n", "rollout.kv_cache_gib", "rollout.val_n",
     "actor.ppo_epochs", "actor.ppo_mini_batch_size", "actor.micro_batch_size", "actor.max_bad_steps",
     "trainer.total_steps", "trainer.prompts_per_step", "trainer.save_every", "trainer.keep_checkpoints",
-    "diagnostics.save_every",
+    "diagnostics.save_every", "sft_warmup.batch_size",
 ]
 NON_NEGATIVE = [
     "model.moe_aux_loss_coeff", "model.first_k_dense_layers", "model.shared_expert_ffn_hidden_size",
@@ -225,6 +230,8 @@ def _coerce(value: Any, tp, key: str, where: str) -> Any:
         return _coerce(value, args[0], key, where)
     if origin in (list, List):
         (inner,) = typing.get_args(tp)
+        if inner is str and isinstance(value, str):
+            value = [value]  # `data.train_files=a.parquet` means a list of one file
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} in {where}: expected a list, got {value!r}")
         return [_coerce(v, inner, f"{key}[{i}]", where) for i, v in enumerate(value)]
@@ -359,64 +366,110 @@ def _get(cfg, key: str):
 
 
 # ---------------------------------------------------------------------------------------------- checks
+ARITHMETIC_OPS = ("+", "-", "*")
+
+
+def _fail(key: str, value: Any, where: str, why: str) -> None:
+    raise ConfigError(f"{key}={value!r} in {where}: {why}")
+
+
 def validate(cfg: RecipeConfig) -> None:
+    """Every single-field and cross-field check that needs no world size; raises ConfigError naming the key."""
     where = cfg.source
     for key, allowed in CHOICES.items():
         v = _get(cfg, key)
         if v not in allowed:
-            raise ConfigError(f"{key}={v!r} in {where}: choose one of {', '.join(allowed)}")
+            _fail(key, v, where, f"choose one of {', '.join(allowed)}")
     for key in POSITIVE:
         if not _get(cfg, key) > 0:
-            raise ConfigError(f"{key}={_get(cfg, key)!r} in {where}: must be > 0")
+            _fail(key, _get(cfg, key), where, "must be > 0")
     for key in NON_NEGATIVE:
         if not _get(cfg, key) >= 0:
-            raise ConfigError(f"{key}={_get(cfg, key)!r} in {where}: must be >= 0")
-    m, a, r, act, t = cfg.model, cfg.algorithm, cfg.rollout, cfg.actor, cfg.trainer
+            _fail(key, _get(cfg, key), where, "must be >= 0")
+    m, d, a, r, act, t = cfg.model, cfg.data, cfg.algorithm, cfg.rollout, cfg.actor, cfg.trainer
+    # probabilities
     if not 0 < r.top_p <= 1:
-        raise ConfigError(f"rollout.top_p={r.top_p} in {where}: must be in (0, 1]")
+        _fail("rollout.top_p", r.top_p, where, "must be in (0, 1]")
+    if not 0 < r.gpu_memory_utilization <= 1:
+        _fail("rollout.gpu_memory_utilization", r.gpu_memory_utilization, where, "must be in (0, 1]")
     if r.top_k == 0 or r.top_k < -1:
-        raise ConfigError(f"rollout.top_k={r.top_k} in {where}: must be -1 (off) or >= 1")
-    if not a.clip_ratio_c > 1:
-        raise ConfigError(f"algorithm.clip_ratio_c={a.clip_ratio_c} in {where}: the dual-clip bound must be > 1")
+        _fail("rollout.top_k", r.top_k, where, "must be -1 (off) or >= 1")
+    # group-normalised advantages are all zero with one sample per prompt: nothing would be learned
+    if r.n < 2:
+        _fail("rollout.n", r.n, where, "group advantages need at least 2 samples per prompt")
+    # clipping: the ratio interval [1 - low, 1 + high] must contain 1 and stay positive
     if a.clip_ratio_low >= 1:
-        raise ConfigError(f"algorithm.clip_ratio_low={a.clip_ratio_low} in {where}: must be < 1")
+        _fail("algorithm.clip_ratio_low", a.clip_ratio_low, where, "must be < 1")
+    if not a.clip_ratio_c > 1:
+        _fail("algorithm.clip_ratio_c", a.clip_ratio_c, where, "the dual-clip bound must be > 1")
+    if a.overlong_buffer_len >= d.max_response_length:
+        _fail("algorithm.overlong_buffer_len", a.overlong_buffer_len, where,
+              f"must be < data.max_response_length={d.max_response_length} (the penalty starts at the difference)")
+    # model shape
     if m.num_attention_heads % m.num_query_groups:
-        raise ConfigError(f"model.num_query_groups={m.num_query_groups} in {where}: must divide "
-                          f"model.num_attention_heads={m.num_attention_heads}")
+        _fail("model.num_query_groups", m.num_query_groups, where,
+              f"must divide model.num_attention_heads={m.num_attention_heads}")
+    if m.head_dim % 2:
+        _fail("model.head_dim", m.head_dim, where, "must be even (rotary embeddings rotate pairs)")
     if m.moe_router_topk > m.num_experts:
-        raise ConfigError(f"model.moe_router_topk={m.moe_router_topk} in {where}: exceeds model.num_experts={m.num_experts}")
+        _fail("model.moe_router_topk", m.moe_router_topk, where, f"exceeds model.num_experts={m.num_experts}")
     if m.first_k_dense_layers >= m.num_layers:
-        raise ConfigError(f"model.first_k_dense_layers={m.first_k_dense_layers} in {where}: must leave at least one "
-                          f"MoE layer (model.num_layers={m.num_layers})")
+        _fail("model.first_k_dense_layers", m.first_k_dense_layers, where,
+              f"must leave at least one MoE layer (model.num_layers={m.num_layers})")
     if m.architecture == "qwen3_moe" and m.shared_expert_ffn_hidden_size:
-        raise ConfigError(f"model.shared_expert_ffn_hidden_size in {where}: qwen3_moe has no shared expert (use qwen2_moe)")
-    total = cfg.data.max_prompt_length + cfg.data.max_response_length
+        _fail("model.shared_expert_ffn_hidden_size", m.shared_expert_ffn_hidden_size, where,
+              "qwen3_moe has no shared expert (use architecture qwen2_moe)")
+    if m.architecture == "qwen2_moe" and m.head_dim * m.num_attention_heads != m.hidden_size:
+        _fail("model.head_dim", m.head_dim, where, "qwen2_moe needs head_dim * num_attention_heads == hidden_size")
+    total = d.max_prompt_length + d.max_response_length
     if total > m.max_position_embeddings:
         raise ConfigError(f"data.max_prompt_length + data.max_response_length = {total} in {where}: exceeds "
                           f"model.max_position_embeddings={m.max_position_embeddings}")
-    if act.ppo_mini_batch_size > t.prompts_per_step:
-        raise ConfigError(f"actor.ppo_mini_batch_size={act.ppo_mini_batch_size} in {where}: exceeds "
-                          f"trainer.prompts_per_step={t.prompts_per_step}")
-    if len(act.betas) != 2 or not all(0 <= b < 1 for b in act.betas):
-        raise ConfigError(f"actor.betas={act.betas} in {where}: expected two numbers in [0, 1)")
-    if cfg.data.task == "math" and not cfg.data.train_files:
+    # data
+    bad_ops = [o for o in d.arithmetic_ops if o not in ARITHMETIC_OPS]
+    if bad_ops or not d.arithmetic_ops:
+        _fail("data.arithmetic_ops", d.arithmetic_ops, where, f"choose a non-empty subset of {', '.join(ARITHMETIC_OPS)}")
+    if d.task == "math" and not d.train_files:
         raise ConfigError(f"data.train_files in {where}: data.task=math needs at least one train file")
+    # batches: mini-batches split the step's prompts evenly, so every update sees the same number of groups
+    if act.ppo_mini_batch_size > t.prompts_per_step:
+        _fail("actor.ppo_mini_batch_size", act.ppo_mini_batch_size, where,
+              f"exceeds trainer.prompts_per_step={t.prompts_per_step}")
+    if t.prompts_per_step % act.ppo_mini_batch_size:
+        _fail("actor.ppo_mini_batch_size", act.ppo_mini_batch_size, where,
+              f"must divide trainer.prompts_per_step={t.prompts_per_step}")
+    if act.min_lr > act.lr:
+        _fail("actor.min_lr", act.min_lr, where, f"exceeds actor.lr={act.lr}")
+    if len(act.betas) != 2 or not all(0 <= b < 1 for b in act.betas):
+        _fail("actor.betas", act.betas, where, "expected two numbers in [0, 1)")
+    if any(tau <= 1 for tau in cfg.diagnostics.extreme_taus):
+        _fail("diagnostics.extreme_taus", cfg.diagnostics.extreme_taus, where,
+              "each threshold must be > 1 (a ratio is extreme above tau or below 1/tau)")
+    if t.world_size_hint is not None and t.world_size_hint <= 0:
+        _fail("trainer.world_size_hint", t.world_size_hint, where, "must be > 0")
     if cfg.parallel.pp != 1:
-        raise ConfigError(f"parallel.pp={cfg.parallel.pp} in {where}: pipeline parallelism is not supported yet (use 1)")
+        _fail("parallel.pp", cfg.parallel.pp, where, "pipeline parallelism is not supported yet (use 1)")
 
 
 CPU_ENGINE_HEAD_DIMS = (64, 128)
 
 
 def validate_for_cpu_engine(cfg: RecipeConfig) -> None:
-    """vLLM's CPU attention supports only some head sizes; refuse others before starting the engine."""
+    """vLLM's CPU attention supports only some head sizes; refuse others before starting the engine.
+
+    Called only when the rollout will run on CPU (a GPU engine has no such limit)."""
     if cfg.model.head_dim not in CPU_ENGINE_HEAD_DIMS:
         raise ConfigError(f"model.head_dim={cfg.model.head_dim} in {cfg.source}: the CPU vLLM engine supports "
                           f"head_dim {' or '.join(map(str, CPU_ENGINE_HEAD_DIMS))}")
 
 
+# ---------------------------------------------------------------------------------------------- layout
 @dataclass(frozen=True)
 class Layout:
+    """How `world_size` ranks are split (megatron-core 0.16 semantics).
+
+    Dense parts: world = tp x pp x dp.  Experts: world = etp x ep x pp x expert_dp."""
+
     world_size: int
     tp: int
     ep: int
@@ -429,87 +482,160 @@ class Layout:
 
 
 def validate_layout(cfg: RecipeConfig, world_size: int) -> Layout:
-    """Refuse a parallel layout that cannot work, naming the setting (megatron-core 0.16 semantics:
-    dp = world / (tp * pp); expert dp = world / (ep * etp * pp))."""
+    """Refuse a parallel layout that cannot work, naming the setting; return the resolved `Layout`."""
     p, m, where = cfg.parallel, cfg.model, cfg.source
-    notes = []
+    if world_size < 1:
+        raise ConfigError(f"world size {world_size}: must be >= 1")
+    if p.pp != 1:
+        raise ConfigError(f"parallel.pp={p.pp} in {where}: pipeline parallelism is not supported yet (use 1)")
     if world_size % (p.tp * p.pp):
         raise ConfigError(f"parallel.tp={p.tp} x parallel.pp={p.pp} in {where}: does not divide the world size {world_size}")
     if world_size % (p.ep * p.etp * p.pp):
-        raise ConfigError(f"parallel.ep={p.ep} x parallel.etp={p.etp} in {where}: does not divide the world size {world_size}")
+        raise ConfigError(f"parallel.ep={p.ep} x parallel.etp={p.etp} x parallel.pp={p.pp} in {where}: does not "
+                          f"divide the world size {world_size}")
     if m.num_experts % p.ep:
         raise ConfigError(f"model.num_experts={m.num_experts} in {where}: not divisible by parallel.ep={p.ep}")
-    for key in ("num_attention_heads", "num_query_groups", "vocab_size", "ffn_hidden_size"):
+    # The arithmetic tokenizer is built with exactly model.vocab_size ids, so the vocabulary check applies
+    # to every task: the embedding and output layer are split by rows across tp.
+    for key in ("num_attention_heads", "num_query_groups", "vocab_size"):
         v = getattr(m, key)
-        if key == "vocab_size" and cfg.data.task == "arithmetic":
-            continue  # the task's tokenizer sets the vocabulary, padded to a multiple of tp
         if v % p.tp:
             raise ConfigError(f"model.{key}={v} in {where}: not divisible by parallel.tp={p.tp}")
+    if m.first_k_dense_layers and m.ffn_hidden_size % p.tp:
+        raise ConfigError(f"model.ffn_hidden_size={m.ffn_hidden_size} in {where}: not divisible by parallel.tp={p.tp}")
     if m.moe_ffn_hidden_size % p.etp:
-        raise ConfigError(f"model.moe_ffn_hidden_size={m.moe_ffn_hidden_size} in {where}: not divisible by parallel.etp={p.etp}")
+        raise ConfigError(f"model.moe_ffn_hidden_size={m.moe_ffn_hidden_size} in {where}: not divisible by "
+                          f"parallel.etp={p.etp}")
+    if m.shared_expert_ffn_hidden_size % p.tp:
+        raise ConfigError(f"model.shared_expert_ffn_hidden_size={m.shared_expert_ffn_hidden_size} in {where}: not "
+                          f"divisible by parallel.tp={p.tp}")
+    notes = []
     sp = p.sequence_parallel
     if p.tp > 1 and not sp:
         sp = True
         notes.append("sequence parallelism switched on: megatron-core needs it for MoE with tp > 1")
+    if p.tp == 1 and sp:
+        sp = False
+        notes.append("sequence parallelism switched off: it has no effect with tp = 1")
     return Layout(world_size=world_size, tp=p.tp, ep=p.ep, etp=p.etp, pp=p.pp, dp=world_size // (p.tp * p.pp),
                   expert_dp=world_size // (p.ep * p.etp * p.pp), sequence_parallel=sp, notes=tuple(notes))
 
 
 # ---------------------------------------------------------------------------------------------- dry run
 def count_parameters(m: ModelConfig) -> Dict[str, int]:
-    """Exact parameter counts of the Qwen-MoE architecture (total and active per token)."""
+    """Exact parameter counts of the Qwen-MoE architecture, as transformers builds it.
+
+    Returns total, active (per token: top-k experts), experts (all routed-expert weights; sharded by ep x etp)
+    and embedding (input embedding + output layer)."""
     h, hd = m.hidden_size, m.head_dim
     q, kv = m.num_attention_heads * hd, m.num_query_groups * hd
-    attn = h * (q + 2 * kv) + q * h + 2 * h  # qkv, output projection, input + pre-mlp norms
-    attn += 2 * hd if m.architecture == "qwen3_moe" else (q + 2 * kv)  # q/k norms, or qwen2's qkv bias
-    expert = 3 * h * m.moe_ffn_hidden_size
-    moe = m.num_experts * expert + m.num_experts * h  # experts + router
-    shared = 3 * h * m.shared_expert_ffn_hidden_size + h if m.shared_expert_ffn_hidden_size else 0
+    attn = h * (q + 2 * kv) + q * h          # q, k, v projections and the output projection (no biases)
+    attn += 2 * h                            # input layer norm and pre-MLP layer norm
+    if m.architecture == "qwen3_moe":
+        attn += 2 * hd                       # per-head q_norm and k_norm
+    else:
+        attn += q + 2 * kv                   # qwen2's q/k/v biases
+    expert = 3 * h * m.moe_ffn_hidden_size   # gate, up, down (SwiGLU)
+    router = m.num_experts * h
+    shared = 3 * h * m.shared_expert_ffn_hidden_size + h if m.shared_expert_ffn_hidden_size else 0  # + its gate
     dense = 3 * h * m.ffn_hidden_size
     n_moe = m.num_layers - m.first_k_dense_layers
     emb = m.vocab_size * h
     head = 0 if m.tie_word_embeddings else m.vocab_size * h
-    total = emb + head + h + m.num_layers * attn + m.first_k_dense_layers * dense + n_moe * (moe + shared)
-    active = emb + head + h + m.num_layers * attn + m.first_k_dense_layers * dense + n_moe * (
-        m.moe_router_topk * expert + m.num_experts * h + shared)
+    common = emb + head + h + m.num_layers * attn + m.first_k_dense_layers * dense  # + h: the final norm
+    total = common + n_moe * (m.num_experts * expert + router + shared)
+    active = common + n_moe * (m.moe_router_topk * expert + router + shared)
     return {"total": total, "active": active, "experts": n_moe * m.num_experts * expert, "embedding": emb + head}
 
 
+# Activation bytes kept for backward per token per layer per hidden unit, in bf16, without recomputation:
+# 34 for a dense transformer layer (Korthikanti et al. 2022, "Reducing Activation Recomputation", eq. 2 without
+# the attention-score term, which flash/SDPA attention does not store). A rough number for MoE layers too.
+ACTIVATION_FACTOR = 34
+# vLLM's default number of sequences an engine runs at once (max_num_seqs)
+VLLM_MAX_NUM_SEQS = 256
+
+
 def estimate_memory(cfg: RecipeConfig, layout: Layout) -> Dict[str, float]:
-    """Rough per-GPU bytes: params, grads, optimizer, activations, rollout KV cache."""
-    m = cfg.model
+    """Rough per-GPU bytes of one training rank and of the colocated rollout engine.
+
+    - params: expert weights / (ep x etp), all other weights / tp, in model.dtype
+    - grads: fp32 main grads for the local params (megatron DDP accumulates in fp32)
+    - optimizer: Adam's two fp32 moments, plus an fp32 master copy when params are bf16; with
+      parallel.use_distributed_optimizer sharded over dp (dense) and expert_dp (experts)
+    - activations: micro_batch x seq x hidden x layers x ACTIVATION_FACTOR bytes (bf16; x2 for fp32) / tp,
+      plus the fp32 logits, log-softmax and its gradient over the vocabulary shard (3 x seq x vocab / tp)
+    - kv_cache: the rollout engine's KV budget, `rollout.kv_cache_gib` (one engine per tp group, sharded by
+      tp). `kv_seqs_fit` says how many sequences of max_prompt_length + max_response_length tokens it holds
+      (2 x layers x kv_heads x head_dim values per token) and `kv_seqs_wanted` how many the engine would run
+      at once: min(its share of prompts_per_step x n, vLLM's max_num_seqs = 256).
+    `training_total` is the training phase; `rollout_total` the rollout phase (engine weights + KV cache);
+    `total` the larger (colocated engines release their KV cache while the actor trains).
+    """
+    m, d = cfg.model, cfg.data
     n = count_parameters(m)
     bytes_param = 2 if m.dtype == "bf16" else 4
-    expert_params = n["experts"] / (layout.ep * layout.etp)
-    dense_params = (n["total"] - n["experts"]) / layout.tp
-    local = expert_params + dense_params
-    grads = local * 4  # fp32 main grads
-    optim = local * (4 + 4 + (4 if bytes_param == 2 else 0))  # Adam moments (+ fp32 master with bf16 params)
+    expert_local = n["experts"] / (layout.ep * layout.etp)
+    dense_local = (n["total"] - n["experts"]) / layout.tp
+    local = expert_local + dense_local
+    params = local * bytes_param
+    grads = local * 4
+    per_param_optim = 8 + (4 if bytes_param == 2 else 0)
     if cfg.parallel.use_distributed_optimizer:
-        optim /= layout.dp
-    seq = cfg.data.max_prompt_length + cfg.data.max_response_length
-    # activations kept for backward per layer ~ 34 * s * b * h bytes (Korthikanti et al., bf16, no recompute)
-    # scaled to our dtype, divided by tp with sequence parallelism; plus the fp32 logits slice
-    act = cfg.actor.micro_batch_size * seq * m.hidden_size * m.num_layers * 34 * (bytes_param / 2) / layout.tp
-    act += cfg.actor.micro_batch_size * seq * (m.vocab_size / layout.tp) * 4 * 3
-    kv_tokens = cfg.trainer.prompts_per_step * cfg.rollout.n * seq / max(layout.dp, 1)
-    kv = kv_tokens * 2 * m.num_layers * m.num_query_groups * m.head_dim * 2 / layout.tp
-    return {"params": local * bytes_param, "grads": grads, "optimizer": optim, "activations": act,
-            "kv_cache": kv, "total": local * bytes_param + grads + optim + act + kv,
-            "params_total": n["total"], "params_active": n["active"]}
+        optim = per_param_optim * (dense_local / layout.dp + expert_local / layout.expert_dp)
+    else:
+        optim = per_param_optim * local
+    seq = d.max_prompt_length + d.max_response_length
+    mb = cfg.actor.micro_batch_size
+    act = mb * seq * m.hidden_size * m.num_layers * ACTIVATION_FACTOR * (bytes_param / 2) / layout.tp
+    act += mb * seq * (m.vocab_size / layout.tp) * 4 * 3
+    engine_bytes = 2 if cfg.rollout.dtype == "bf16" else 4
+    kv_per_seq = seq * 2 * m.num_layers * m.num_query_groups * m.head_dim * engine_bytes / layout.tp
+    kv = cfg.rollout.kv_cache_gib * 1024**3
+    wanted = min(math.ceil(cfg.trainer.prompts_per_step * cfg.rollout.n / layout.dp), VLLM_MAX_NUM_SEQS)
+    engine_params = local * engine_bytes
+    training = params + grads + optim + act
+    rollout = engine_params + kv
+    return {"params": params, "grads": grads, "optimizer": optim, "activations": act, "kv_cache": kv,
+            "engine_params": engine_params, "training_total": training, "rollout_total": rollout,
+            "total": max(training, rollout), "params_total": n["total"], "params_active": n["active"],
+            "params_local": local, "activation_factor": ACTIVATION_FACTOR, "kv_bytes_per_seq": kv_per_seq,
+            "kv_seqs_fit": int(kv // kv_per_seq), "kv_seqs_wanted": wanted}
+
+
+def _count(n: float) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{int(n)}"
 
 
 def format_layout_and_memory(cfg: RecipeConfig, layout: Layout, mem: Dict[str, float]) -> str:
+    """The `--dry-run` report: validity, parameter counts, the layout and a per-GPU memory table."""
     gib = 1024**3
+    row = lambda name, key, how: f"  {name:<14}{mem[key] / gib:9.2f} GiB  {how}"  # noqa: E731
+    opt_how = "Adam moments" + (" + fp32 master" if cfg.model.dtype == "bf16" else "")
+    if cfg.parallel.use_distributed_optimizer:
+        opt_how += f", sharded over dp={layout.dp} / expert-dp={layout.expert_dp}"
     lines = [
-        f"recipe {cfg.source}: valid",
-        f"model: {cfg.model.architecture}, {mem['params_total'] / 1e9:.2f}B parameters "
-        f"({mem['params_active'] / 1e9:.2f}B active per token)",
-        f"layout: world {layout.world_size} = tp {layout.tp} x dp {layout.dp} (pp {layout.pp}); experts: "
-        f"ep {layout.ep} x etp {layout.etp} x expert-dp {layout.expert_dp}; sequence parallel "
+        f"recipe {cfg.source}: valid for world size {layout.world_size}",
+        f"model: {cfg.model.architecture}, {_count(mem['params_total'])} parameters "
+        f"({_count(mem['params_active'])} active per token), {_count(mem['params_local'])} on each GPU",
+        f"layout: world {layout.world_size} = tp {layout.tp} x pp {layout.pp} x dp {layout.dp}; experts: "
+        f"ep {layout.ep} x etp {layout.etp} x pp {layout.pp} x expert-dp {layout.expert_dp}; sequence parallel "
         f"{'on' if layout.sequence_parallel else 'off'}",
         *[f"note: {n}" for n in layout.notes],
-        "per-GPU memory estimate:",
-        *[f"  {k:<12} {mem[k] / gib:8.2f} GiB" for k in ("params", "grads", "optimizer", "activations", "kv_cache", "total")],
+        "per-GPU memory estimate (rough):",
+        row("params", "params", cfg.model.dtype),
+        row("grads", "grads", "fp32 main grads"),
+        row("optimizer", "optimizer", opt_how),
+        row("activations", "activations", f"micro-batch {cfg.actor.micro_batch_size} x seq x hidden x layers x "
+            f"{ACTIVATION_FACTOR} B / tp (no recompute) + fp32 logits"),
+        row("training", "training_total", "sum of the above"),
+        row("engine params", "engine_params", f"rollout copy in {cfg.rollout.dtype}"),
+        row("kv cache", "kv_cache", f"rollout.kv_cache_gib: {mem['kv_seqs_fit']} full-length sequences fit, "
+            f"{mem['kv_seqs_wanted']} would run at once"),
+        row("rollout", "rollout_total", "engine params + kv cache"),
+        row("peak", "total", "max(training, rollout)"),
     ]
     return "\n".join(lines)
