@@ -11,12 +11,15 @@ import torch
 from upgrpo_megatron.convert.hf_io import (
     ConversionError,
     HFReader,
+    TokenizerFiles,
+    check_output_dir,
     hf_config_to_model_cfg,
     model_cfg_to_hf_config,
     write_hf_dir,
 )
 from upgrpo_megatron.convert.qwen_moe import (
     canonical_names,
+    hf_shapes,
     hf_sources,
     hf_to_megatron,
     megatron_to_hf,
@@ -46,16 +49,22 @@ def iter_hf_as_megatron(reader: HFReader, model_cfg) -> Iterator[Tuple[str, torc
         yield name, hf_to_megatron(name, reader.get, model_cfg)
 
 
-def load_hf_into_model(hf_dir, module, model_cfg=None) -> Dict:
-    """Load an HF checkpoint into this rank's shards of `module` (streamed). Returns the model section."""
+def load_hf_into_model(hf_dir, module, model_cfg=None, *, show_progress: bool = False) -> Dict:
+    """Load an HF checkpoint into this rank's shards of `module`, one fused tensor group at a time.
+
+    The directory is checked first (config fields, every tensor's presence and shape, from the safetensors
+    headers only), so a bad one is refused before any weight changes. Returns the model section."""
     from upgrpo_megatron.megatron.sharding import load_full_tensor
+    from upgrpo_megatron.progress import progress
 
     reader = HFReader(hf_dir)
     hf_model_cfg = hf_config_to_model_cfg(reader.config, str(Path(hf_dir) / "config.json"))
     if model_cfg is not None:
         check_compatible(hf_model_cfg, model_cfg, str(Path(hf_dir) / "config.json"))
+    reader.validate(hf_shapes(hf_model_cfg))
     params = dict(module.named_parameters())
-    for name in canonical_names(hf_model_cfg):
+    names = canonical_names(hf_model_cfg)
+    for name in progress(names, desc="hf -> megatron", enabled=show_progress, unit="tensor"):
         srcs = hf_sources(name, hf_model_cfg)
         tensor = hf_to_megatron(name, reader.get, hf_model_cfg)
         try:
@@ -73,7 +82,7 @@ def save_hf_checkpoint(model_cfg, hf_tensors: Iterator[Tuple[str, torch.Tensor]]
 
 
 __all__ = [
-    "ConversionError", "HFReader", "canonical_names", "check_compatible", "hf_config_to_model_cfg",
-    "hf_sources", "hf_to_megatron", "iter_hf_as_megatron", "load_hf_into_model", "megatron_to_hf",
+    "ConversionError", "HFReader", "TokenizerFiles", "canonical_names", "check_compatible", "check_output_dir",
+    "hf_config_to_model_cfg", "hf_shapes", "hf_sources", "hf_to_megatron", "iter_hf_as_megatron", "load_hf_into_model", "megatron_to_hf",
     "megatron_to_hf_stream", "model_cfg_to_hf_config", "save_hf_checkpoint", "write_hf_dir",
 ]

@@ -319,6 +319,9 @@ def write_hf_dir(cfg, tensors: Iterator[Tuple[str, torch.Tensor]], out_dir, *, t
         (tmp / "generation_config.json").write_text(json.dumps(generation_config, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private; the export is an ordinary directory
         if out.exists():
             shutil.rmtree(out)
         os.rename(tmp, out)

@@ -172,3 +172,44 @@ def canonical_names(cfg) -> List[str]:
     if not tied:
         names.append("output_layer.weight")
     return names
+
+
+def hf_shapes(cfg) -> Dict[str, Tuple[int, ...]]:
+    """Every HF tensor the architecture has, with the shape the config implies (names as `save_pretrained`
+    writes them). Used to check an HF directory before anything is converted or written."""
+    s = model_shape(cfg)
+    h, hd, nq, nkv = s.hidden_size, s.head_dim, s.num_attention_heads, s.num_query_groups
+    qwen2 = s.architecture == "qwen2_moe"
+    tied = bool(cfg.get("tie_word_embeddings", False) if isinstance(cfg, dict) else getattr(cfg, "tie_word_embeddings", False))
+    out: Dict[str, Tuple[int, ...]] = {"model.embed_tokens.weight": (s.vocab_size, h)}
+    for i in range(s.num_layers):
+        p = f"model.layers.{i}."
+        out.update({
+            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (nq * hd, h), p + "self_attn.k_proj.weight": (nkv * hd, h),
+            p + "self_attn.v_proj.weight": (nkv * hd, h), p + "self_attn.o_proj.weight": (h, nq * hd),
+        })
+        if qwen2:
+            out.update({p + "self_attn.q_proj.bias": (nq * hd,), p + "self_attn.k_proj.bias": (nkv * hd,),
+                        p + "self_attn.v_proj.bias": (nkv * hd,)})
+        else:
+            out.update({p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)})
+        if i < s.first_k_dense_layers:
+            f = s.ffn_hidden_size
+            out.update({p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
+                        p + "mlp.down_proj.weight": (h, f)})
+            continue
+        out[p + "mlp.gate.weight"] = (s.num_experts, h)
+        f = s.moe_ffn_hidden_size
+        for e in range(s.num_experts):
+            b = f"{p}mlp.experts.{e}."
+            out.update({b + "gate_proj.weight": (f, h), b + "up_proj.weight": (f, h), b + "down_proj.weight": (h, f)})
+        if qwen2 and s.shared_expert_ffn_hidden_size:
+            f = s.shared_expert_ffn_hidden_size
+            b = f"{p}mlp.shared_expert."
+            out.update({b + "gate_proj.weight": (f, h), b + "up_proj.weight": (f, h), b + "down_proj.weight": (h, f),
+                        p + "mlp.shared_expert_gate.weight": (1, h)})
+    out["model.norm.weight"] = (h,)
+    if not tied:
+        out["lm_head.weight"] = (s.vocab_size, h)
+    return out

@@ -73,8 +73,14 @@ def _model_cfg_dict(model_cfg) -> dict:
 
 
 def save_checkpoint(path, module, *, optimizer=None, extra_state: Optional[dict] = None, model_cfg=None,
-                    tokenizer=None) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint directory."""
+                    tokenizer=None, extra_files: Optional[dict] = None) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint directory.
+
+    Args:
+        tokenizer: anything with `save_pretrained(dir)` (a transformers tokenizer, `convert.TokenizerFiles`).
+        extra_files: {name in the checkpoint: source path} copied in by rank 0 (e.g. the HF config.json a
+            checkpoint was converted from), covered by the COMPLETE checksums like everything else.
+    """
     path = Path(path)
     tmp = path.parent / f".{path.name}.tmp"
     if _rank() == 0:
@@ -90,7 +96,10 @@ def save_checkpoint(path, module, *, optimizer=None, extra_state: Optional[dict]
     _barrier()
     if _rank() == 0:
         torch.save(extra_state or {}, tmp / "extra.pt")
-        meta = {"format_version": FORMAT_VERSION, "step": (extra_state or {}).get("step"),
+        for name, src in (extra_files or {}).items():
+            shutil.copyfile(src, tmp / name)
+        meta = {"format_version": FORMAT_VERSION, "format": "megatron-core dist_checkpointing (torch_dist)",
+                "step": (extra_state or {}).get("step"),
                 "world_size": dist.get_world_size() if dist.is_initialized() else 1,
                 "tp": ps.get_tensor_model_parallel_world_size(), "ep": ps.get_expert_model_parallel_world_size(),
                 "etp": ps.get_expert_tensor_parallel_world_size(),
