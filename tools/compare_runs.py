@@ -1,7 +1,10 @@
-"""Compare runs side by side: curves of val/acc, KL, entropy, clip fraction, mismatch rates; a table.
+"""Compare runs side by side: curves of val/acc, KL, entropy, clip fractions and mismatch rates; a table.
 
-    python tools/compare_runs.py RUN_DIR RUN_DIR ... [--out DIR] [--label RUN_DIR=NAME ...]
-Runs are grouped by the loss mode in their config.yaml unless labels are given; seeds become bands.
+    python tools/compare_runs.py RUN_DIR RUN_DIR ... [--out DIR] [--label NAME=GLOB ...]
+
+Runs are grouped by algorithm.loss_mode in their config.yaml unless --label is given (a run joins the first
+label whose glob matches its path or directory name); each group is one colour, its seeds a mean line with a
+min..max band. Writes DIR/compare.png, DIR/index.html and DIR/summary.md (printed).
 """
 import argparse
 import sys
@@ -12,18 +15,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run_dirs", nargs="+")
-    ap.add_argument("--out", default="compare")
-    ap.add_argument("--label", action="append", default=[], help="RUN_DIR=NAME")
-    ap.add_argument("--debug", action="store_true")
+    ap.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    ap.add_argument("--out", default="compare", help="output directory (default ./compare)")
+    ap.add_argument("--label", action="append", default=[], metavar="NAME=GLOB",
+                    help="put the runs whose path matches GLOB in group NAME (repeatable)")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
     a = ap.parse_args(argv)
     from upgrpo_megatron.errors import UpgrpoError, exit_with_message
 
     try:
         from upgrpo_megatron.diagnostics.compare import compare
 
-        labels = dict(x.split("=", 1) for x in a.label)
-        path = compare(a.run_dirs, a.out, labels)
+        path = compare(a.run_dirs, a.out, a.label)
     except UpgrpoError as e:
         return exit_with_message(e, debug=a.debug)
     print(Path(path).read_text())
