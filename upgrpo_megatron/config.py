@@ -99,7 +99,7 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = -1
     dtype: str = "fp32"
-    kv_cache_gib: float = 1.0
+    kv_cache_gib: float = 1.0            # the engine's KV-cache budget (CPU: VLLM_CPU_KVCACHE_SPACE; GPU: kv_cache_memory_bytes)
     gpu_memory_utilization: float = 0.6
     enforce_eager: bool = True
     capture_routing: bool = True
@@ -204,7 +204,7 @@ POSITIVE = [
     "data.arithmetic_max_operand", "sft_warmup.batch_size", "rollout.n", "rollout.kv_cache_gib", "rollout.val_n",
     "actor.ppo_epochs", "actor.ppo_mini_batch_size", "actor.micro_batch_size", "actor.max_bad_steps",
     "trainer.total_steps", "trainer.prompts_per_step", "trainer.save_every", "trainer.keep_checkpoints",
-    "diagnostics.save_every", "sft_warmup.batch_size",
+    "diagnostics.save_every",
 ]
 NON_NEGATIVE = [
     "model.moe_aux_loss_coeff", "model.first_k_dense_layers", "model.shared_expert_ffn_hidden_size",
