@@ -173,10 +173,11 @@ class Trainer:
 
         self.task = build_task(self.cfg, self.run_dir)
         self.tokenizer = self.task.tokenizer
-        if self.cfg.model.vocab_size != len(self.tokenizer):
-            # the model's vocabulary follows the task's tokenizer (padded up to a multiple of tp)
-            v = len(self.tokenizer)
-            self.cfg.model.vocab_size = v + (-v) % self.layout.tp
+        if len(self.tokenizer) > self.cfg.model.vocab_size:
+            from upgrpo_megatron.config import ConfigError
+
+            raise ConfigError(f"model.vocab_size={self.cfg.model.vocab_size} is smaller than the tokenizer's "
+                              f"{len(self.tokenizer)} tokens")
 
     def _build_actor(self):
         from upgrpo_megatron.megatron.actor import MegatronActor, OptimSettings
@@ -259,7 +260,7 @@ class Trainer:
         r = self.cfg.rollout
         batch = self._generate([p.prompt_ids for p in val], n=r.val_n, temperature=r.val_temperature,
                                seed=self.cfg.trainer.seed)
-        scores = [self.task.reward(self.tokenizer.decode(s.response_ids, skip_special_tokens=True), val[s.prompt_index].answer)
+        scores = [self.task.accuracy(self.tokenizer.decode(s.response_ids, skip_special_tokens=True), val[s.prompt_index].answer)
                   for s in batch.samples]
         return {"val/acc": float(np.mean(scores)) if scores else float("nan")}
 
