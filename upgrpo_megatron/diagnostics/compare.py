@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from upgrpo_megatron.diagnostics.run_files import (
     ReportError,
@@ -161,6 +162,7 @@ def compare(run_dirs: Sequence, out_dir=None, labels: Sequence[str] = ()) -> Pat
                     ax.fill_between(steps, lo, hi, color=c, alpha=0.2, lw=0)
             ax.set_title(title, fontsize=10)
             ax.set_xlabel("step", fontsize=9)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are integers
             ax.tick_params(labelsize=8)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from upgrpo_megatron.diagnostics.run_files import (
     ReportError,  # noqa: F401 (re-export: callers catch it from here)
@@ -87,6 +88,7 @@ def _curves(plt, metrics: List[dict], out: Path) -> Optional[Tuple[str, str, str
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step", fontsize=9)
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are integers
         ax.tick_params(labelsize=8)
         if len(lines) > 1 or lines[0][0] != title:
             ax.legend(fontsize=7)
