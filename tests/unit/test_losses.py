@@ -1,71 +1,41 @@
-"""UP-GRPO and the baselines: the seed's gradient identities, the seed's own code as an oracle, aggregation."""
+"""UP-GRPO and the baselines: the seed's gradient identities, the seed's and verl's code as oracles, aggregation,
+gradient accumulation, GSPO, bad input. All float64 unless a test says otherwise."""
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from upgrpo_megatron.losses import agg_loss, compute_policy_loss
+from tests.unit.test_losses_oracle import (
+    seed_compute_policy_loss,
+    up_gspo_oracle,
+    verl_gspo_policy_loss,
+    verl_vanilla_policy_loss,
+)
+from upgrpo_megatron.losses import (
+    AGG_MODES,
+    POLICY_LOSSES,
+    agg_loss,
+    compute_policy_loss,
+    gspo_token_log_ratio,
+    policy_loss_per_token,
+    register_policy_loss,
+)
 
 CLIP = dict(clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0)
+MODES = ("vanilla", "up_grpo", "gspo", "up_gspo")
+# verl's masked_mean divides by (count + 1e-8): relative differences up to 1e-8 / count against our exact division
+ORACLE_TOL = dict(rtol=2e-8, atol=1e-12)
 
 
-# --- the seed's appendix implementation, transcribed as an oracle (with verl's helpers of that era) ---------
-def _oracle_masked_mean(values, mask):
-    return (values * mask).sum() / mask.sum()
-
-
-def _oracle_agg_loss(loss_mat, loss_mask, loss_agg_mode):
-    if loss_agg_mode == "token-mean":
-        return _oracle_masked_mean(loss_mat, loss_mask)
-    if loss_agg_mode == "seq-mean-token-sum":
-        return torch.mean(torch.sum(loss_mat * loss_mask, dim=-1))
-    if loss_agg_mode == "seq-mean-token-mean":
-        return torch.mean(torch.sum(loss_mat * loss_mask, dim=-1) / torch.sum(loss_mask, dim=-1))
-    if loss_agg_mode == "seq-mean-token-sum-norm":  # Dr. GRPO: mean over sequences of token sums / L
-        return torch.mean(torch.sum(loss_mat * loss_mask, dim=-1)) / loss_mask.shape[-1]
-    raise ValueError(loss_agg_mode)
-
-
-def seed_up_grpo(old_log_prob, log_prob, advantages, response_mask, cliprange_low, cliprange_high,
-                 clip_ratio_c=3.0, loss_agg_mode="token-mean"):
-    negative_approx_kl = log_prob - old_log_prob
-    ratio = torch.exp(negative_approx_kl)
-    ppo_kl = _oracle_masked_mean(-negative_approx_kl, response_mask)
-    pg_losses_pos = -advantages * log_prob
-    pg_losses1_neg = -advantages * ratio
-    pg_losses2_neg = -advantages * torch.clamp(ratio, 1 - cliprange_low, 1 + cliprange_high)
-    clip_pg_losses1_neg = torch.maximum(pg_losses1_neg, pg_losses2_neg)
-    pg_losses3_neg = -advantages * clip_ratio_c
-    clip_pg_losses2_neg = torch.min(pg_losses3_neg, clip_pg_losses1_neg)
-    pg_losses_neg = torch.where(advantages < 0, clip_pg_losses2_neg, clip_pg_losses1_neg)
-    pg_losses = torch.where(advantages > 0, pg_losses_pos, pg_losses_neg)
-    pg_loss = _oracle_agg_loss(pg_losses, response_mask, loss_agg_mode)
-    neg_adv_mask = (advantages <= 0).float() * response_mask
-    pg_clipfrac = _oracle_masked_mean(torch.gt(pg_losses2_neg, pg_losses1_neg).float(), neg_adv_mask)
-    pg_clipfrac_lower = _oracle_masked_mean(torch.gt(clip_pg_losses1_neg, pg_losses3_neg).float(), neg_adv_mask)
-    return pg_loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower
-
-
-def seed_vanilla(old_log_prob, log_prob, advantages, response_mask, cliprange_low, cliprange_high,
-                 clip_ratio_c=3.0, loss_agg_mode="token-mean"):
-    """verl's dual-clip compute_policy_loss (the seed's negative path applied to every token)."""
-    ratio = torch.exp(log_prob - old_log_prob)
-    pg_losses1 = -advantages * ratio
-    pg_losses2 = -advantages * torch.clamp(ratio, 1 - cliprange_low, 1 + cliprange_high)
-    clip1 = torch.maximum(pg_losses1, pg_losses2)
-    pg_losses3 = -advantages * clip_ratio_c
-    clip2 = torch.min(pg_losses3, clip1)
-    pg_losses = torch.where(advantages < 0, clip2, clip1)
-    return _oracle_agg_loss(pg_losses, response_mask, loss_agg_mode)
-
-
-def _inputs(b=4, t=7, seed=0, dtype=torch.float64, adv=None):
+def _inputs(b=4, t=7, seed=0, dtype=torch.float64, adv=None, spread=0.4):
+    """Random rollout-like tensors: per-sequence advantages of both signs, ratios around 1 (some clipped), a
+    ragged mask with at least one token per row."""
     g = torch.Generator().manual_seed(seed)
     old = -torch.rand(b, t, generator=g, dtype=dtype) * 3
-    lp = (old + 0.4 * torch.randn(b, t, generator=g, dtype=dtype)).clamp(max=0)
+    lp = (old + spread * torch.randn(b, t, generator=g, dtype=dtype)).clamp(max=0)
     a = torch.randn(b, 1, generator=g, dtype=dtype).expand(b, t).clone() if adv is None else adv
     mask = (torch.rand(b, t, generator=g) > 0.3).to(dtype)
-    mask[:, 0] = 1  # at least one token per row (the seed's seq-mean modes divide by it)
+    mask[:, 0] = 1  # verl's seq-mean modes of the seed's era divide by each row's count
     return old, lp, a, mask
 
 
@@ -75,62 +45,157 @@ def _grad(fn, lp):
     return lp.grad
 
 
-@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def _loss(mode, agg="token-mean", **kw):
+    return lambda old, x, adv, mask: compute_policy_loss(old, x, adv, mask, loss_mode=mode, loss_agg_mode=agg,
+                                                         **{**CLIP, **kw})[0]
+
+
+# --- the seed's identities ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("agg", AGG_MODES)
 def test_positive_branch_gradient_equals_aw_sft_for_any_old_log_prob(agg):
     old, lp, _, mask = _inputs()
     adv = torch.rand_like(lp) + 0.1  # all A > 0
     ref = _grad(lambda x: agg_loss(-adv * x, mask, agg), lp)  # advantage-weighted SFT: -A log pi
-    for shift in (-5.0, 0.0, 5.0):
-        g = _grad(lambda x: compute_policy_loss(old + shift, x, adv, mask, loss_mode="up_grpo",
-                                                loss_agg_mode=agg, **CLIP)[0], lp)
+    for shift in (-5.0, 0.0, 5.0):  # ratios e^{+-5}: far outside any clip range, the gradient must not care
+        g = _grad(lambda x: _loss("up_grpo", agg)(old + shift, x, adv, mask), lp)
         torch.testing.assert_close(g, ref, rtol=0, atol=1e-12)
     # token-mean: the gradient is exactly -A / (number of valid tokens) on valid tokens, 0 elsewhere
-    g = _grad(lambda x: compute_policy_loss(old, x, adv, mask, loss_mode="up_grpo", **CLIP)[0], lp)
+    g = _grad(lambda x: _loss("up_grpo")(old - 5.0, x, adv, mask), lp)
     torch.testing.assert_close(g, -adv * mask / mask.sum(), rtol=0, atol=1e-12)
 
 
-def test_non_positive_advantages_are_bit_identical_to_vanilla():
-    old, lp, _, mask = _inputs(seed=3)
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_non_positive_advantages_are_bit_identical_to_vanilla(agg):
+    old, lp, _, mask = _inputs(seed=3, spread=1.5)  # wide ratios: low clip and dual clip both fire
     adv = -torch.rand_like(lp)
     adv[0, :3] = 0.0
-    lv, mv = compute_policy_loss(old, lp, adv, mask, loss_mode="vanilla", **CLIP)
-    lu, mu = compute_policy_loss(old, lp, adv, mask, loss_mode="up_grpo", **CLIP)
+    lv, mv = compute_policy_loss(old, lp, adv, mask, loss_mode="vanilla", loss_agg_mode=agg, **CLIP)
+    lu, mu = compute_policy_loss(old, lp, adv, mask, loss_mode="up_grpo", loss_agg_mode=agg, **CLIP)
     assert torch.equal(lv, lu)
-    gv = _grad(lambda x: compute_policy_loss(old, x, adv, mask, loss_mode="vanilla", **CLIP)[0], lp)
-    gu = _grad(lambda x: compute_policy_loss(old, x, adv, mask, loss_mode="up_grpo", **CLIP)[0], lp)
+    gv = _grad(lambda x: _loss("vanilla", agg)(old, x, adv, mask), lp)
+    gu = _grad(lambda x: _loss("up_grpo", agg)(old, x, adv, mask), lp)
     assert torch.equal(gv, gu)
-    assert mv["pg_clipfrac"] == mu["pg_clipfrac"] and mv["ppo_kl"] == mu["ppo_kl"]
+    for k in ("pg_clipfrac", "pg_clipfrac_lower", "ppo_kl"):
+        assert mv[k] == mu[k]
+    assert mv["pg_clipfrac"] > 0 and mv["pg_clipfrac_lower"] > 0  # the comparison exercised both clips
 
 
-@pytest.mark.parametrize("mode", ["vanilla", "up_grpo", "gspo", "up_gspo"])
-def test_zero_advantage_and_masked_tokens_get_zero_gradient(mode):
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_zero_advantage_and_masked_tokens_get_zero_gradient(mode, agg):
     old, lp, adv, mask = _inputs(seed=5)
     adv[1] = 0.0
-    g = _grad(lambda x: compute_policy_loss(old, x, adv, mask, loss_mode=mode, **CLIP)[0], lp)
+    g = _grad(lambda x: _loss(mode, agg)(old, x, adv, mask), lp)
     assert torch.all(g[1] == 0)
     assert torch.all(g[mask == 0] == 0)
     assert g[mask.bool() & (adv != 0)].abs().sum() > 0
 
 
-@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
-def test_up_grpo_and_vanilla_agree_with_the_seeds_code(agg):
-    for seed in range(5):
-        old, lp, adv, mask = _inputs(b=6, t=9, seed=seed)
-        f_ours = lambda x: compute_policy_loss(old, x, adv, mask, loss_mode="up_grpo", loss_agg_mode=agg, **CLIP)[0]  # noqa: E731
-        f_seed = lambda x: seed_up_grpo(old, x, adv, mask, 0.2, 0.28, 3.0, agg)[0]  # noqa: E731
-        torch.testing.assert_close(f_ours(lp), f_seed(lp), rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(_grad(f_ours, lp), _grad(f_seed, lp), rtol=1e-12, atol=1e-12)
-        _, metrics = compute_policy_loss(old, lp, adv, mask, loss_mode="up_grpo", loss_agg_mode=agg, **CLIP)
-        _, clipfrac, kl, lower = seed_up_grpo(old, lp, adv, mask, 0.2, 0.28, 3.0, agg)
-        assert metrics["pg_clipfrac"] == pytest.approx(float(clipfrac), abs=1e-12)
-        assert metrics["ppo_kl"] == pytest.approx(float(kl), abs=1e-12)
-        assert metrics["pg_clipfrac_lower"] == pytest.approx(float(lower), abs=1e-12)
-        fv = lambda x: compute_policy_loss(old, x, adv, mask, loss_mode="vanilla", loss_agg_mode=agg, **CLIP)[0]  # noqa: E731
-        fsv = lambda x: seed_vanilla(old, x, adv, mask, 0.2, 0.28, 3.0, agg)  # noqa: E731
-        torch.testing.assert_close(fv(lp), fsv(lp), rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(_grad(fv, lp), _grad(fsv, lp), rtol=1e-12, atol=1e-12)
+@pytest.mark.parametrize("mode", MODES)
+def test_non_finite_log_probs_under_the_mask_do_not_leak(mode):
+    """Padding may hold -inf log-probs (and advantage 0): the loss and the gradient must stay finite."""
+    old, lp, adv, mask = _inputs(seed=6)
+    lp = torch.where(mask.bool(), lp, torch.tensor(float("-inf"), dtype=lp.dtype))
+    adv = adv * mask
+    x = lp.clone().requires_grad_()
+    loss, metrics = compute_policy_loss(old, x, adv, mask, loss_mode=mode, **CLIP)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.all(torch.isfinite(x.grad))
+    assert all(v == v for v in metrics.values())  # no NaN metric
 
 
+# --- oracles ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_up_grpo_agrees_with_the_seeds_appendix_code(agg):
+    for seed in range(4):
+        old, lp, adv, mask = _inputs(b=6, t=9, seed=seed, spread=1.0)
+        adv[0, :] = 0.0
+        ours = _loss("up_grpo", agg)
+        theirs = lambda o, x, a, m: seed_compute_policy_loss(o, x, a, m, cliprange_low=0.2, cliprange_high=0.28,  # noqa: E731
+                                                             clip_ratio_c=3.0, loss_agg_mode=agg)[0]
+        torch.testing.assert_close(ours(old, lp, adv, mask), theirs(old, lp, adv, mask), **ORACLE_TOL)
+        torch.testing.assert_close(_grad(lambda x: ours(old, x, adv, mask), lp),
+                                   _grad(lambda x: theirs(old, x, adv, mask), lp), **ORACLE_TOL)
+        _, m = compute_policy_loss(old, lp, adv, mask, loss_mode="up_grpo", loss_agg_mode=agg, **CLIP)
+        _, clipfrac, kl, lower = seed_compute_policy_loss(old, lp, adv, mask, cliprange_low=0.2, cliprange_high=0.28,
+                                                          clip_ratio_c=3.0, loss_agg_mode=agg)
+        assert m["pg_clipfrac"] == pytest.approx(float(clipfrac), rel=2e-8)
+        assert m["ppo_kl"] == pytest.approx(float(kl), rel=2e-8)
+        assert m["pg_clipfrac_lower"] == pytest.approx(float(lower), rel=2e-8, abs=1e-12)
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_vanilla_agrees_with_verls_dual_clip_loss(agg):
+    for seed in range(4):
+        old, lp, adv, mask = _inputs(b=6, t=9, seed=seed, spread=1.0)
+        ours = _loss("vanilla", agg)
+        theirs = lambda o, x, a, m: verl_vanilla_policy_loss(o, x, a, m, 0.2, 0.28, 3.0, agg)[0]  # noqa: E731
+        torch.testing.assert_close(ours(old, lp, adv, mask), theirs(old, lp, adv, mask), **ORACLE_TOL)
+        torch.testing.assert_close(_grad(lambda x: ours(old, x, adv, mask), lp),
+                                   _grad(lambda x: theirs(old, x, adv, mask), lp), **ORACLE_TOL)
+        _, m = compute_policy_loss(old, lp, adv, mask, loss_mode="vanilla", loss_agg_mode=agg, **CLIP)
+        _, clipfrac, kl, lower = verl_vanilla_policy_loss(old, lp, adv, mask, 0.2, 0.28, 3.0, agg)
+        assert m["pg_clipfrac"] == pytest.approx(float(clipfrac), rel=2e-8)
+        assert m["ppo_kl"] == pytest.approx(float(kl), rel=2e-8)
+        assert m["pg_clipfrac_lower"] == pytest.approx(float(lower), rel=2e-8, abs=1e-12)
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_gspo_and_up_gspo_agree_with_verls_gspo(agg):
+    for seed in range(4):
+        old, lp, adv, mask = _inputs(b=6, t=9, seed=seed, spread=0.3)
+        ours = _loss("gspo", agg)
+        theirs = lambda o, x, a, m: verl_gspo_policy_loss(o, x, a, m, 0.2, 0.28, agg)[0]  # noqa: E731
+        torch.testing.assert_close(ours(old, lp, adv, mask), theirs(old, lp, adv, mask), **ORACLE_TOL)
+        torch.testing.assert_close(_grad(lambda x: ours(old, x, adv, mask), lp),
+                                   _grad(lambda x: theirs(old, x, adv, mask), lp), **ORACLE_TOL)
+        _, m = compute_policy_loss(old, lp, adv, mask, loss_mode="gspo", loss_agg_mode=agg, **CLIP)
+        _, clipfrac, kl, _ = verl_gspo_policy_loss(old, lp, adv, mask, 0.2, 0.28, agg)
+        assert m["pg_clipfrac"] == pytest.approx(float(clipfrac), rel=2e-8, abs=1e-12)
+        assert m["ppo_kl"] == pytest.approx(float(kl), rel=2e-8)
+        up = _loss("up_gspo", agg)
+        up_ref = lambda o, x, a, m: up_gspo_oracle(o, x, a, m, 0.2, 0.28, agg)  # noqa: E731
+        torch.testing.assert_close(up(old, lp, adv, mask), up_ref(old, lp, adv, mask), **ORACLE_TOL)
+        torch.testing.assert_close(_grad(lambda x: up(old, x, adv, mask), lp),
+                                   _grad(lambda x: up_ref(old, x, adv, mask), lp), **ORACLE_TOL)
+
+
+@settings(max_examples=30, deadline=None)
+@given(b=st.integers(1, 5), t=st.integers(1, 8), seed=st.integers(0, 10_000), spread=st.sampled_from([0.1, 0.5, 2.0]),
+       mode=st.sampled_from(MODES), agg=st.sampled_from(AGG_MODES))
+def test_property_every_mode_matches_its_oracle_on_random_shapes_and_masks(b, t, seed, spread, mode, agg):
+    g = torch.Generator().manual_seed(seed)
+    old = -torch.rand(b, t, generator=g, dtype=torch.float64) * 4
+    lp = old + spread * torch.randn(b, t, generator=g, dtype=torch.float64)
+    # advantages of every sign, exact zeros included, per token (GSPO-token allows that)
+    adv = torch.randint(-1, 2, (b, t), generator=g).double() * torch.rand(b, t, generator=g, dtype=torch.float64)
+    mask = (torch.rand(b, t, generator=g) > 0.5).double()
+    first = torch.randint(0, t, (b,), generator=g)
+    mask[torch.arange(b), first] = 1  # every row has >= 1 token; with t = 1 or a sparse draw, exactly one
+    oracle = {
+        "up_grpo": lambda x: seed_compute_policy_loss(old, x, adv, mask, cliprange_low=0.2, cliprange_high=0.28,
+                                                      clip_ratio_c=3.0, loss_agg_mode=agg)[0],
+        "vanilla": lambda x: verl_vanilla_policy_loss(old, x, adv, mask, 0.2, 0.28, 3.0, agg)[0],
+        "gspo": lambda x: verl_gspo_policy_loss(old, x, adv, mask, 0.2, 0.28, agg)[0],
+        "up_gspo": lambda x: up_gspo_oracle(old, x, adv, mask, 0.2, 0.28, agg),
+    }[mode]
+    if mode == "up_grpo":  # the seed does not clamp the log-ratio; verl's +-20 clamp must not be reached here
+        assert (lp - old).abs().max() < 20
+    x = lp.clone().requires_grad_()
+    loss, metrics = compute_policy_loss(old, x, adv, mask, loss_mode=mode, loss_agg_mode=agg, **CLIP)
+    loss.backward()
+    torch.testing.assert_close(loss, oracle(lp), **ORACLE_TOL)
+    torch.testing.assert_close(x.grad, _grad(oracle, lp), **ORACLE_TOL)
+    assert torch.all(x.grad[mask == 0] == 0)
+    assert 0.0 <= metrics["pg_clipfrac"] <= 1.0 and 0.0 <= metrics["pg_clipfrac_lower"] <= 1.0
+    if mode.startswith("up_"):  # positive tokens: exactly the AW-SFT gradient, whatever the ratio
+        pos = (adv > 0) & (mask > 0)
+        y = lp.clone().requires_grad_()
+        agg_loss(-adv * y * pos, mask, agg).backward()
+        torch.testing.assert_close(x.grad[pos], y.grad[pos], rtol=1e-10, atol=1e-12)
+
+
+# --- metrics ------------------------------------------------------------------------------------------------------
 def test_up_metrics_count_positive_tokens_and_those_the_baseline_would_clip():
     old = torch.zeros(1, 4, dtype=torch.float64)
     lp = torch.log(torch.tensor([[1.5, 1.0, 1.1, 2.0]], dtype=torch.float64))  # ratios 1.5, 1.0, 1.1, 2.0
@@ -139,84 +204,203 @@ def test_up_metrics_count_positive_tokens_and_those_the_baseline_would_clip():
     _, m = compute_policy_loss(old, lp, adv, mask, loss_mode="up_grpo", **CLIP)
     assert m["up/pos_token_frac"] == pytest.approx(3 / 4)
     assert m["up/pos_ratio_above_clip_frac"] == pytest.approx(1 / 3)  # only 1.5 > 1.28 among positives
+    assert m["pg_clipfrac"] == 0.0  # the one negative token has r = 2 in (0.8, 3): unclipped
+    # up_gspo's baseline clips the *sequence* ratio: exp(mean log r over the 3 valid tokens) = (1.5*1*1.1)^(1/3)
+    mask3 = torch.tensor([[1.0, 1.0, 1.0, 0.0]], dtype=torch.float64)
+    _, mg = compute_policy_loss(old, lp, adv, mask3, loss_mode="up_gspo", **CLIP)
+    assert (1.5 * 1.1) ** (1 / 3) < 1.28 and mg["up/pos_ratio_above_clip_frac"] == 0.0
+    assert mg["up/pos_token_frac"] == pytest.approx(1.0)
 
 
-def test_gspo_uses_the_length_normalised_sequence_ratio():
-    old = torch.zeros(2, 3, dtype=torch.float64)
-    lp = torch.tensor([[0.3, -0.1, 0.1], [0.05, 0.05, 9.0]], dtype=torch.float64)
-    mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.float64)
-    adv = torch.tensor([[1.0] * 3, [-1.0] * 3], dtype=torch.float64)
-    s = torch.exp(torch.tensor([0.1, 0.05], dtype=torch.float64))  # exp(mean log-ratio over valid tokens)
-    loss, mat = compute_policy_loss(old, lp, adv, mask, loss_mode="gspo", clip_ratio_low=0.2, clip_ratio_high=0.28,
-                                    loss_agg_mode="token-mean", return_loss_mat=True)[0::2]
-    torch.testing.assert_close(mat[0], -s[0].expand(3))  # inside the clip range: -A s
-    torch.testing.assert_close(mat[1, :2], s[1].expand(2))
-    # gradient of the token form: d(-A s_i)/d log pi_t = -A s_i / N_tokens
-    g = _grad(lambda x: compute_policy_loss(old, x, adv, mask, loss_mode="gspo", **CLIP)[0], lp)
-    expected = (-adv * s[:, None] * mask) / mask.sum()
-    torch.testing.assert_close(g, expected)
+def test_clip_fractions_count_each_clip():
+    """Hand-made ratios, one per clip region; vanilla averages over valid tokens, up_grpo over A <= 0 tokens."""
+    r = torch.tensor([[0.5, 1.0, 4.0, 1.5, 0.9, 1.0]], dtype=torch.float64)
+    adv = torch.tensor([[-1.0, -1.0, -1.0, 1.0, 1.0, 0.0]], dtype=torch.float64)
+    old, mask = torch.zeros_like(r), torch.ones_like(r)
+    _, mv = compute_policy_loss(old, r.log(), adv, mask, loss_mode="vanilla", **CLIP)
+    # clipped: A<0 & r<0.8 (0.5), A>0 & r>1.28 (1.5) -> 2 of 6; dual clip: A<0 & r>3 (4.0) -> 1 of 6
+    assert mv["pg_clipfrac"] == pytest.approx(2 / 6) and mv["pg_clipfrac_lower"] == pytest.approx(1 / 6)
+    _, mu = compute_policy_loss(old, r.log(), adv, mask, loss_mode="up_grpo", **CLIP)
+    assert mu["pg_clipfrac"] == pytest.approx(1 / 4) and mu["pg_clipfrac_lower"] == pytest.approx(1 / 4)
+    assert mu["ppo_kl"] == pytest.approx(float(-r.log().mean()))
 
 
-def test_up_gspo_positive_branch_is_aw_sft_and_negative_branch_is_gspo():
-    old, lp, _, mask = _inputs(seed=9)
-    adv = torch.tensor([1.0, -1.0, 0.5, -0.5], dtype=torch.float64)[:, None].expand_as(lp).clone()
-    _, _, mat = compute_policy_loss(old, lp, adv, mask, loss_mode="up_gspo", **CLIP, return_loss_mat=True)
-    _, _, gmat = compute_policy_loss(old, lp, adv, mask, loss_mode="gspo", **CLIP, return_loss_mat=True)
-    pos = adv > 0
-    torch.testing.assert_close(mat[pos], (-adv * lp)[pos])
-    torch.testing.assert_close(mat[~pos], gmat[~pos])
+# --- aggregation and gradient accumulation ------------------------------------------------------------------------
+def _direct_agg(loss_mat, mask, mode, L):
+    """Every mode written as explicit loops over sequences and tokens (fully masked rows do not count)."""
+    total, n_tok, n_seq = 0.0, 0, 0
+    rows = []
+    for i in range(loss_mat.shape[0]):
+        toks = [loss_mat[i, t] for t in range(loss_mat.shape[1]) if mask[i, t] > 0]
+        n_tok += len(toks)
+        if toks:
+            n_seq += 1
+            rows.append((sum(toks), len(toks)))
+        total = total + sum(toks)
+    if mode == "token-mean":
+        return total / n_tok
+    if mode == "seq-mean-token-sum":
+        return sum(s for s, _ in rows) / n_seq
+    if mode == "seq-mean-token-mean":
+        return sum(s / n for s, n in rows) / n_seq
+    return total / L
 
 
-@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
-def test_micro_batches_with_global_normaliser_equal_one_big_batch(agg):
-    old, lp, adv, mask = _inputs(b=6, t=5, seed=11)
-    big = lambda x: compute_policy_loss(old, x, adv, mask, loss_mode="up_grpo", loss_agg_mode=agg, **CLIP)[0]  # noqa: E731
-    n_tok, n_seq = float(mask.sum()), float((mask.sum(-1) > 0).sum())
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_every_aggregation_mode_matches_its_direct_formula(agg):
+    g = torch.Generator().manual_seed(2)
+    loss_mat = torch.randn(5, 6, generator=g, dtype=torch.float64)
+    mask = (torch.rand(5, 6, generator=g) > 0.4).double()
+    mask[2] = 0  # a fully masked row (a data-parallel padding row)
+    mask[3] = 0
+    mask[3, 4] = 1  # a row with one token
+    torch.testing.assert_close(agg_loss(loss_mat, mask, agg), _direct_agg(loss_mat, mask, agg, 6) * torch.ones((),
+                               dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(agg_loss(loss_mat, mask.bool(), agg, max_response_length=16),
+                               _direct_agg(loss_mat, mask, agg, 16) * torch.ones((), dtype=torch.float64))
+    # an empty batch gives 0, never NaN
+    assert float(agg_loss(loss_mat, torch.zeros_like(mask), agg)) == 0.0
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_micro_batches_with_global_normaliser_equal_one_big_batch(mode, agg):
+    """Uneven micro-batches (as DP ranks and gradient accumulation see them), each trimmed to its own padded width:
+    summing their losses with the big batch's normalisers gives the big batch's loss and gradient."""
+    old, lp, adv, mask = _inputs(b=7, t=6, seed=11)
+    mask[5] = 0  # a padding row
+    mask[6, 3:] = 0
+    L = 6
+    big = lambda x: _loss(mode, agg)(old, x, adv, mask)  # noqa: E731
+    norm = dict(global_token_count=float(mask.sum()), global_seq_count=float((mask.sum(-1) > 0).sum()),
+                max_response_length=L)
 
     def accumulated(x):
         total = 0
-        for rows in (slice(0, 1), slice(1, 4), slice(4, 6)):  # uneven micro-batches, like DP ranks would see
-            total = total + compute_policy_loss(old[rows], x[rows], adv[rows], mask[rows], loss_mode="up_grpo",
-                                                loss_agg_mode=agg, global_token_count=n_tok,
-                                                global_seq_count=n_seq, **CLIP)[0]
+        for rows, width in ((slice(0, 1), 6), (slice(1, 4), 6), (slice(4, 5), 6), (slice(5, 7), 3)):
+            total = total + compute_policy_loss(old[rows, :width], x[rows, :width], adv[rows, :width],
+                                                mask[rows, :width], loss_mode=mode, loss_agg_mode=agg, **norm,
+                                                **CLIP)[0]
         return total
 
     torch.testing.assert_close(accumulated(lp), big(lp), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(_grad(accumulated, lp), _grad(big, lp), rtol=1e-12, atol=1e-12)
 
 
+def test_per_token_loss_is_what_compute_policy_loss_aggregates():
+    old, lp, adv, mask = _inputs(seed=4)
+    for mode in MODES:
+        mat, metrics = policy_loss_per_token(old, lp, adv, mask, loss_mode=mode, **CLIP)
+        loss, metrics2 = compute_policy_loss(old, lp, adv, mask, loss_mode=mode, **CLIP)
+        assert mat.shape == lp.shape and metrics == metrics2
+        torch.testing.assert_close(agg_loss(mat, mask), loss, rtol=0, atol=0)
+        _, _, mat2 = compute_policy_loss(old, lp, adv, mask, loss_mode=mode, return_loss_mat=True, **CLIP)
+        assert torch.equal(mat, mat2)
+
+
+# --- GSPO ---------------------------------------------------------------------------------------------------------
+def test_gspo_ratio_is_the_length_normalised_sequence_ratio():
+    old = torch.zeros(2, 3, dtype=torch.float64)
+    lp = torch.tensor([[0.3, -0.1, 0.1], [0.05, 0.05, 9.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.float64)
+    s = torch.exp(torch.tensor([0.1, 0.05], dtype=torch.float64))  # exp(mean log-ratio over valid tokens)
+    torch.testing.assert_close(torch.exp(gspo_token_log_ratio(old, lp, mask)), s[:, None].expand(2, 3))
+    adv = torch.tensor([[1.0] * 3, [-1.0] * 3], dtype=torch.float64)
+    mat, _ = policy_loss_per_token(old, lp, adv, mask, loss_mode="gspo", **CLIP)
+    torch.testing.assert_close(mat[0], -s[0].expand(3))  # inside the clip range: -A s
+    torch.testing.assert_close(mat[1, :2], s[1].expand(2))
+
+
+def test_gspo_token_gradient_has_the_papers_form():
+    """GSPO paper: grad J = (1/G) sum_i s_i A_i (1/|y_i|) sum_t grad log pi(y_it) for unclipped sequences, i.e.
+    d loss / d log pi_it = -s_i A_i / (G |y_i|) with seq-mean-token-mean aggregation."""
+    old, lp, _, mask = _inputs(b=5, t=6, seed=8, spread=0.05)  # small drift: every sequence ratio is unclipped
+    adv = torch.randn(5, 1, generator=torch.Generator().manual_seed(1), dtype=torch.float64).expand(5, 6)
+    s = torch.exp(((lp - old) * mask).sum(-1) / mask.sum(-1))
+    assert torch.all((s > 0.8) & (s < 1.28))
+    g = _grad(lambda x: _loss("gspo", "seq-mean-token-mean")(old, x, adv, mask), lp)
+    expected = -(s[:, None] * adv) / (5 * mask.sum(-1, keepdim=True)) * mask
+    torch.testing.assert_close(g, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_gspo_with_equal_token_log_ratios_reduces_to_vanilla_clipping_of_the_sequence_ratio():
+    """If every token of a sequence has the same log-ratio c_i, the GSPO ratio is e^{c_i} = r_it for each token, so
+    GSPO equals the token-level PPO clip (without dual clip): same values and same gradients."""
+    b, t = 6, 5
+    g = torch.Generator().manual_seed(3)
+    old = -torch.rand(b, t, generator=g, dtype=torch.float64) * 3
+    c = torch.tensor([-0.6, -0.1, 0.0, 0.1, 0.2, 0.7], dtype=torch.float64)  # below, inside and above the range
+    lp = old + c[:, None]
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 1.0, -2.0], dtype=torch.float64)[:, None].expand(b, t).clone()
+    mask = torch.ones(b, t, dtype=torch.float64)
+    mask[1, 3:] = 0
+    no_dual = dict(CLIP, clip_ratio_c=1e9)  # GSPO has no dual clip
+    for agg in AGG_MODES:
+        gs = lambda x: _loss("gspo", agg)(old, x, adv, mask)  # noqa: E731
+        va = lambda x: _loss("vanilla", agg, **no_dual)(old, x, adv, mask)  # noqa: E731
+        torch.testing.assert_close(gs(lp), va(lp), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(_grad(gs, lp), _grad(va, lp), rtol=1e-12, atol=1e-12)
+
+
+def test_up_gspo_positive_branch_is_aw_sft_and_negative_branch_is_gspo():
+    old, lp, _, mask = _inputs(seed=9)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5], dtype=torch.float64)[:, None].expand_as(lp).clone()
+    mat, _ = policy_loss_per_token(old, lp, adv, mask, loss_mode="up_gspo", **CLIP)
+    gmat, _ = policy_loss_per_token(old, lp, adv, mask, loss_mode="gspo", **CLIP)
+    pos = adv > 0
+    torch.testing.assert_close(mat[pos], (-adv * lp)[pos])
+    torch.testing.assert_close(mat[~pos], gmat[~pos])
+
+
+# --- registry, dtypes, bad input ----------------------------------------------------------------------------------
+def test_a_new_loss_is_one_function_and_one_decorator():
+    @register_policy_loss("test_reinforce")
+    def reinforce(old_log_prob, log_prob, advantages, mask, **clip):
+        return -advantages * log_prob, {"ppo_kl": (-((log_prob - old_log_prob).detach() * mask).sum(), mask.sum())}
+
+    try:
+        old, lp, adv, mask = _inputs()
+        loss, m = compute_policy_loss(old, lp, adv, mask, loss_mode="test_reinforce", **CLIP)
+        torch.testing.assert_close(loss, agg_loss(-adv * lp, mask))
+        assert set(m) == {"ppo_kl"}
+    finally:
+        POLICY_LOSSES.pop("test_reinforce")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_bf16_inputs_give_bf16_gradients_close_to_fp64(mode):
+    old, lp, adv, mask = _inputs(b=8, t=32, seed=12)
+    ref_loss = _loss(mode)(old, lp, adv, mask)
+    ref_grad = _grad(lambda x: _loss(mode)(old, x, adv, mask), lp)
+    b = [x.to(torch.bfloat16) for x in (old, lp, adv, mask)]
+    x = b[1].clone().requires_grad_()
+    loss = _loss(mode)(b[0], x, b[2], b[3])
+    loss.backward()
+    assert x.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(x.grad.double(), ref_grad, rtol=2e-2, atol=1e-4)
+
+
 def test_bad_input_names_the_argument():
     old, lp, adv, mask = _inputs()
-    with pytest.raises(ValueError, match="advantages"):
-        compute_policy_loss(old, lp, adv[:, :3], mask, loss_mode="up_grpo")
-    with pytest.raises(ValueError, match="loss_mode"):
-        compute_policy_loss(old, lp, adv, mask, loss_mode="ppo2")
-    with pytest.raises(ValueError, match="loss_agg_mode"):
-        compute_policy_loss(old, lp, adv, mask, loss_agg_mode="mean")
-    with pytest.raises(ValueError, match="clip_ratio_c"):
-        compute_policy_loss(old, lp, adv, mask, clip_ratio_c=1.0)
-
-
-@settings(max_examples=40, deadline=None)
-@given(b=st.integers(1, 5), t=st.integers(1, 8), seed=st.integers(0, 10_000),
-       mode=st.sampled_from(["vanilla", "up_grpo", "gspo", "up_gspo"]),
-       agg=st.sampled_from(["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]))
-def test_property_finite_loss_and_gradient_confined_to_valid_tokens(b, t, seed, mode, agg):
-    g = torch.Generator().manual_seed(seed)
-    old = -torch.rand(b, t, generator=g, dtype=torch.float64) * 4
-    lp = old + torch.randn(b, t, generator=g, dtype=torch.float64)
-    adv = torch.randn(b, t, generator=g, dtype=torch.float64).sign() * torch.rand(b, t, generator=g, dtype=torch.float64)
-    mask = (torch.rand(b, t, generator=g) > 0.5).double()
-    mask[0, 0] = 1  # a row with possibly a single token
-    x = lp.clone().requires_grad_()
-    loss, metrics = compute_policy_loss(old, x, adv, mask, loss_mode=mode, loss_agg_mode=agg, **CLIP)
-    loss.backward()
-    assert torch.isfinite(loss) and torch.all(torch.isfinite(x.grad))
-    assert torch.all(x.grad[mask == 0] == 0)
-    assert 0.0 <= metrics["pg_clipfrac"] <= 1.0 and 0.0 <= metrics["pg_clipfrac_lower"] <= 1.0
-    if mode == "up_grpo":  # positive tokens: exactly the AW-SFT gradient, whatever the ratio
-        pos = (adv > 0) & (mask > 0)
-        y = lp.clone().requires_grad_()
-        agg_loss(-adv * y * pos, mask, agg, global_token_count=float(mask.sum()),
-                 global_seq_count=float((mask.sum(-1) > 0).sum())).backward()
-        torch.testing.assert_close(x.grad[pos], y.grad[pos], rtol=1e-10, atol=1e-12)
+    cases = [
+        (dict(advantages=adv[:, :3]), "advantages"),
+        (dict(old_log_prob=old[:2]), "old_log_prob"),
+        (dict(response_mask=mask[:, :2]), "response_mask"),
+        (dict(log_prob=lp[0], old_log_prob=old[0], advantages=adv[0], response_mask=mask[0]), "log_prob"),
+        (dict(loss_mode="ppo2"), "loss_mode"),
+        (dict(loss_agg_mode="mean"), "loss_agg_mode"),
+        (dict(clip_ratio_c=1.0), "clip_ratio_c"),
+        (dict(clip_ratio_low=1.0), "clip_ratio_low"),
+        (dict(clip_ratio_high=-0.1), "clip_ratio_high"),
+        (dict(global_token_count=-1.0), "global_token_count"),
+        (dict(max_response_length=0, loss_agg_mode="seq-mean-token-sum-norm"), "max_response_length"),
+    ]
+    for override, name in cases:
+        kw = dict(old_log_prob=old, log_prob=lp, advantages=adv, response_mask=mask)
+        kw.update(override)
+        tensors = [kw.pop(k) for k in ("old_log_prob", "log_prob", "advantages", "response_mask")]
+        with pytest.raises(ValueError, match=name):
+            compute_policy_loss(*tensors, **{"loss_mode": "up_grpo", **kw})
+    with pytest.raises(ValueError, match="loss_mask"):
+        agg_loss(lp, mask[:, :2])
