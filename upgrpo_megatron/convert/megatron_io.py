@@ -89,6 +89,10 @@ class MegatronCheckpointReader:
         self.metadata = json.loads(meta.read_text()) if meta.exists() else {}
         from megatron.core import dist_checkpointing
 
+        from upgrpo_megatron.megatron.parallel import init_distributed
+
+        init_distributed()  # a world of one unless already inside torchrun; after the cheap checks above
+
         try:
             self._meta = dist_checkpointing.load_tensors_metadata(str(self.dir / "model"))
         except Exception as e:  # unreadable .metadata, missing files
@@ -154,11 +158,9 @@ def convert_megatron_to_hf(ckpt_dir, out_dir, *, force: bool = False, max_shard_
                            batch_bytes: int = 512 * 1024**2, show_progress: bool = True) -> Path:
     """Export a checkpoint (any layout; a training checkpoint's optimizer state is ignored) as an HF dir.
     Single process. Checks the output directory first; writes atomically."""
-    from upgrpo_megatron.megatron.parallel import init_distributed
     from upgrpo_megatron.progress import progress
 
     check_output_dir(out_dir, force)
-    init_distributed()
     reader = MegatronCheckpointReader(ckpt_dir)
     cfg = reader.model_cfg
     src_cfg = reader.dir / HF_CONFIG_FILE

@@ -1,0 +1,165 @@
+"""The two conversion tools as a user runs them (plain `python tools/...`, one process each):
+HF -> Megatron -> HF is bit-identical for every tensor of both architectures (fp32 and bf16, a dense first
+layer, a sharded export), the export loads in transformers with the same logits, tokenizer and token ids come
+along; bad input gives one clear line and writes nothing."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import ROOT
+from tests.distributed.worker_convert import make_tiny_hf
+from upgrpo_megatron.convert import ConversionError
+
+pytestmark = pytest.mark.slow
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", UPGRPO_NO_PROGRESS="1")
+
+
+def _tool(*args, check=True):
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def _tensors(hf_dir):
+    from safetensors import safe_open
+
+    index = Path(hf_dir) / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    out = {}
+    for f in files:
+        with safe_open(str(Path(hf_dir) / f), "pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})
+    return out
+
+
+CASES = {  # arch, dtype, dense first layers, export shard size (GiB; tiny -> several shards + index)
+    "qwen3_moe_fp32_dense0": ("qwen3_moe", torch.float32, 1, 2.0),
+    "qwen2_moe_bf16_sharded": ("qwen2_moe", torch.bfloat16, 0, 0.0001),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_hf_to_megatron_to_hf_round_trip_is_bit_identical(case, tmp_path):
+    import transformers
+
+    arch, dtype, dense, shard_gb = CASES[case]
+    src = make_tiny_hf(arch, tmp_path / "hf", dtype=dtype, first_k_dense=dense)
+    ck, out = tmp_path / "ckpt", tmp_path / "export"
+    _tool("tools/convert_hf_to_megatron.py", "--hf", src, "--out", str(ck), "--tp", "2", "--ep", "2")
+    assert (ck / "COMPLETE").exists() and (ck / "tokenizer" / "tokenizer_config.json").exists()
+    _tool("tools/convert_megatron_to_hf.py", "--checkpoint", str(ck), "--out", str(out),
+          "--max-shard-gb", str(shard_gb))
+
+    a, b = _tensors(src), _tensors(out)
+    assert set(a) == set(b)
+    for k in a:
+        assert b[k].dtype == a[k].dtype and torch.equal(b[k], a[k]), k
+    assert (out / "model.safetensors.index.json").exists() == (shard_gb < 1)
+    assert (out / "tokenizer_config.json").read_text() == (Path(src) / "tokenizer_config.json").read_text()
+    cfg, cfg0 = json.loads((out / "config.json").read_text()), json.loads((Path(src) / "config.json").read_text())
+    for k in ("model_type", "bos_token_id", "eos_token_id", "pad_token_id", "num_key_value_heads", "mlp_only_layers"):
+        assert cfg[k] == cfg0[k], k
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 2
+
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = transformers.AutoModelForCausalLM.from_pretrained(src).eval()(ids).logits
+        got = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()(ids).logits
+    assert torch.equal(got, ref)
+
+
+# ---------------------------------------------------------------- bad input: clear error, nothing written
+@pytest.fixture
+def hf_dir(tmp_path):
+    return Path(make_tiny_hf("qwen3_moe", tmp_path / "hf", tokenizer_file=False))
+
+
+def _convert(hf, out):
+    from upgrpo_megatron.convert.megatron_io import convert_hf_to_megatron
+
+    return convert_hf_to_megatron(hf, out, show_progress=False)
+
+
+def test_missing_safetensors_is_refused(hf_dir, tmp_path):
+    (hf_dir / "model.safetensors").unlink()
+    with pytest.raises(ConversionError, match="no model.safetensors"):
+        _convert(hf_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_corrupt_safetensors_is_refused_naming_the_file(hf_dir, tmp_path):
+    f = hf_dir / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(ConversionError, match="model.safetensors"):
+        _convert(hf_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_tensor_is_named(hf_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(hf_dir / "model.safetensors")
+    del t["model.layers.1.mlp.experts.3.up_proj.weight"]
+    save_file(t, hf_dir / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ConversionError, match=r"model\.layers\.1\.mlp\.experts\.3\.up_proj\.weight"):
+        _convert(hf_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_tensor_shape_that_does_not_fit_the_config_is_named(hf_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(hf_dir / "model.safetensors")
+    t["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(48, 64)  # config: 2 kv heads x 16 = 32 rows
+    save_file(t, hf_dir / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ConversionError, match=r"'model\.layers\.0\.self_attn\.k_proj\.weight' has shape \[48, 64\]"):
+        _convert(hf_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_architecture_is_refused_by_name(hf_dir, tmp_path):
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    cfg.update(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"])
+    (hf_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConversionError, match="unsupported architecture model_type='deepseek_v3'"):
+        _convert(hf_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_layout_that_does_not_divide_the_model_is_refused(hf_dir, tmp_path):
+    from upgrpo_megatron.convert.megatron_io import convert_hf_to_megatron
+
+    with pytest.raises(ConversionError, match="num_experts=4 is not divisible by --ep 3"):
+        convert_hf_to_megatron(hf_dir, tmp_path / "out", ep=3, show_progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_incomplete_checkpoint_is_refused_for_export(tmp_path):
+    from upgrpo_megatron.convert.megatron_io import convert_megatron_to_hf
+
+    ck = tmp_path / "ckpt"
+    (ck / "model").mkdir(parents=True)
+    (ck / "model_config.yaml").write_text("architecture: qwen3_moe\n")
+    with pytest.raises(ConversionError, match="no COMPLETE marker"):
+        convert_megatron_to_hf(ck, tmp_path / "out", show_progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_non_empty_output_with_one_line_and_exit_2(hf_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    for tool, flag, src in (("tools/convert_hf_to_megatron.py", "--hf", hf_dir),
+                            ("tools/convert_megatron_to_hf.py", "--checkpoint", tmp_path)):
+        proc = _tool(tool, flag, str(src), "--out", str(out), check=False)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: output directory") and "--force" in last and "Traceback" not in proc.stderr
+        assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
