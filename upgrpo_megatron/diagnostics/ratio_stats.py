@@ -39,8 +39,10 @@ class RatioStats:
     Arrays are `[layers, num_experts, 2, 2]`: axis 2 = ADV_GROUPS (A > 0, A <= 0), axis 3 = MATCH_GROUPS.
     A real token adds one entry to the bucket of each of its k experts in each layer (so a token counts L*k
     times over the whole array; per (layer, expert) it counts once when that expert is in its top-k).
-      count, sum_r, sum_r2, n_outside (r outside [1 - clip_low, 1 + clip_high]), max_abs_log (max |log r|)
-    Derived (0 where count is 0): mean = sum_r / count, var = sum_r2 / count - mean^2 (population variance),
+      count, sum_x, sum_x2 (sums of x = r - 1 and x^2: centred at 1 for precision), n_outside (r outside
+      [1 - clip_low, 1 + clip_high]), max_abs_log (max |log r|)
+    Derived (0 where count is 0): mean = 1 + sum_x / count, var = sum_x2 / count - (sum_x / count)^2
+    (population variance),
     outside_frac = n_outside / count. `reduce(adv=..., match=...)` pools groups exactly.
     `token_scalars` holds token-level statistics (each real token counted once) per split:
     `{all, adv_pos, adv_nonpos, matched, mismatched}/{count, mean, var, max_abs_log, outside_clip_frac}`,
@@ -48,8 +50,8 @@ class RatioStats:
     """
 
     count: torch.Tensor
-    sum_r: torch.Tensor
-    sum_r2: torch.Tensor
+    sum_x: torch.Tensor
+    sum_x2: torch.Tensor
     n_outside: torch.Tensor
     max_abs_log: torch.Tensor
     token_scalars: Dict[str, float]
@@ -57,13 +59,14 @@ class RatioStats:
     def reduce(self, adv: bool = False, match: bool = False) -> Dict[str, torch.Tensor]:
         """Pool over the adv axis and/or the match axis; returns count/mean/var/outside_frac/max_abs_log."""
         dims = tuple(d for d, on in ((2, adv), (3, match)) if on)
-        c, s1, s2, no, mx = self.count, self.sum_r, self.sum_r2, self.n_outside, self.max_abs_log
+        c, s1, s2, no, mx = self.count, self.sum_x, self.sum_x2, self.n_outside, self.max_abs_log
         if dims:
             c, s1, s2, no = (t.sum(dims) for t in (c, s1, s2, no))
             mx = mx.amax(dims)
         safe = c.clamp(min=1)
-        mean = torch.where(c > 0, s1 / safe, torch.zeros_like(s1))
-        var = torch.where(c > 0, (s2 / safe - mean * mean).clamp(min=0), torch.zeros_like(s1))
+        mx_ = s1 / safe  # mean of r - 1
+        mean = torch.where(c > 0, 1 + mx_, torch.zeros_like(s1))
+        var = torch.where(c > 0, (s2 / safe - mx_ * mx_).clamp(min=0), torch.zeros_like(s1))
         return {"count": c, "mean": mean, "var": var, "outside_frac": torch.where(c > 0, no / safe, torch.zeros_like(s1)),
                 "max_abs_log": mx}
 
@@ -83,9 +86,9 @@ def _token_split_stats(r: torch.Tensor, log_r: torch.Tensor, outside: torch.Tens
     n = float(sel.sum())
     if n == 0:
         return {"count": 0.0, "mean": NAN, "var": NAN, "max_abs_log": NAN, "outside_clip_frac": NAN}
-    rs = r[sel]
-    mean = float(rs.mean())
-    return {"count": n, "mean": mean, "var": max(float((rs * rs).mean()) - mean * mean, 0.0),
+    xs = r[sel] - 1  # centred at 1 for precision (see RatioStats)
+    mx = float(xs.mean())
+    return {"count": n, "mean": 1 + mx, "var": max(float((xs * xs).mean()) - mx * mx, 0.0),
             "max_abs_log": float(log_r[sel].abs().max()), "outside_clip_frac": float(outside[sel].double().mean())}
 
 
@@ -113,21 +116,26 @@ def compute_ratio_stats(log_ratio: torch.Tensor, experts: torch.Tensor, mask: to
     e = experts[real]  # [N, L, K]
     N = e.shape[0]
 
-    # bucket id ((layer * E + expert) * 2 + adv) * 2 + match, one per (token, layer, slot)
+    # bucket id ((layer * E + expert) * 2 + adv) * 2 + match, one per (token, layer, slot); slots with an id
+    # outside [0, E) go to a spare last bucket (cheaper than boolean indexing on N * L * K entries)
     ok = (e >= 0) & (e < num_experts)
     layer = torch.arange(L, device=e.device).view(1, L, 1)
-    bucket = (((layer * num_experts + e.clamp(0, num_experts - 1)) * 2 + adv_g.view(N, 1, 1)) * 2
-              + mis.long().unsqueeze(-1))
-    idx = bucket[ok]
     size = L * num_experts * 4
+    bucket = (((layer * num_experts + e) * 2 + adv_g.view(N, 1, 1)) * 2 + mis.long().unsqueeze(-1))
+    idx = torch.where(ok, bucket, size).reshape(-1)
+    tok = lambda v: v.view(N, 1, 1).expand(N, L, K).reshape(-1)  # noqa: E731  token value -> every slot
 
     def scatter(values: torch.Tensor) -> torch.Tensor:
-        v = values.view(N, 1, 1).expand(N, L, K)[ok].double()
-        return torch.zeros(size, dtype=torch.float64, device=e.device).index_add_(0, idx, v)
+        return torch.bincount(idx, weights=tok(values), minlength=size + 1)[:size]
 
-    count = scatter(torch.ones_like(lr))
-    abs_lr = lr.abs().view(N, 1, 1).expand(N, L, K)[ok]
-    max_abs = torch.zeros(size, dtype=torch.float64, device=e.device).scatter_reduce_(0, idx, abs_lr, "amax")
+    count = torch.bincount(idx, minlength=size + 1)[:size].double()
+    # sums of (r - 1), not r: ratios sit near 1, and E[x^2] - E[x]^2 of centred values keeps a variance of
+    # 1e-12 that the uncentred form would cancel away
+    x = r - 1
+    s1, s2 = scatter(x), scatter(x * x)
+    n_out = scatter(outside.double())
+    max_abs = torch.zeros(size + 1, dtype=torch.float64, device=e.device).scatter_reduce_(
+        0, idx, tok(lr.abs()), "amax")[:size]
     shape = (L, num_experts, 2, 2)
     tok_mis = mis.any(-1) if L else torch.zeros(N, dtype=torch.bool)
     token_scalars: Dict[str, float] = {}
@@ -135,9 +143,8 @@ def compute_ratio_stats(log_ratio: torch.Tensor, experts: torch.Tensor, mask: to
                       ("adv_nonpos", adv_g == 1), ("matched", ~tok_mis), ("mismatched", tok_mis)):
         for k, v in _token_split_stats(r, lr, outside, sel).items():
             token_scalars[f"{name}/{k}"] = v
-    return RatioStats(count=count.view(shape), sum_r=scatter(r).view(shape), sum_r2=scatter(r * r).view(shape),
-                      n_outside=scatter(outside.double()).view(shape), max_abs_log=max_abs.view(shape),
-                      token_scalars=token_scalars)
+    return RatioStats(count=count.view(shape), sum_x=s1.view(shape), sum_x2=s2.view(shape),
+                      n_outside=n_out.view(shape), max_abs_log=max_abs.view(shape), token_scalars=token_scalars)
 
 
 def log_ratio_histogram(log_ratio: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor,

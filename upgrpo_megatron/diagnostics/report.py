@@ -106,7 +106,7 @@ def _pooled_ratio(reader: DiagnosticsReader, prefix: str) -> Optional[Dict[str, 
     out_f = reader.stack(f"{prefix}_outside_frac")
     if c is None or mu is None or var is None or len(c[0]) != len(mu[0]) or len(c[0]) != len(var[0]):
         return None
-    cnt, m, v = c[1], mu[1], var[1]
+    cnt, m, v = c[1], mu[1] - 1, var[1]  # centred at r = 1, as RatioStats does, to keep tiny variances
     s1, s2 = (cnt * m).sum(0), (cnt * (v + m * m)).sum(0)
     n = cnt.sum(0)
     res = {"count": n, "s1": s1, "s2": s2}
@@ -118,9 +118,9 @@ def _pooled_ratio(reader: DiagnosticsReader, prefix: str) -> Optional[Dict[str, 
 def _mean_var(pooled: Dict[str, np.ndarray], axes: Tuple[int, ...]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     n, s1, s2 = (pooled[k].sum(axes) if axes else pooled[k] for k in ("count", "s1", "s2"))
     safe = np.maximum(n, 1)
-    mean = np.where(n > 0, s1 / safe, np.nan)
-    var = np.where(n > 0, np.maximum(s2 / safe - mean * mean, 0), np.nan)
-    return n, mean, var
+    mx = s1 / safe  # mean of r - 1
+    var = np.where(n > 0, np.maximum(s2 / safe - mx * mx, 0), np.nan)
+    return n, np.where(n > 0, 1 + mx, np.nan), var
 
 
 def _heatmap(ax, fig, data: np.ndarray, title: str, cmap: str) -> None:

@@ -43,22 +43,43 @@ def _valid_ids(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
     return ((experts >= 0) & (experts < num_experts)).all(-1)
 
 
-def _layer_expert_counts(experts: torch.Tensor, weight: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Sum `weight` over every (token, slot) into its (layer, expert) bucket.
-
-    experts `[N, L, K]` (ids outside [0, E) are dropped), weight `[N, L, K]` -> `[L, E]` float64."""
+def _bucket_ids(experts: torch.Tensor, select: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Flat (layer, expert) bucket of every (token, slot): experts `[N, L, K]` -> `[N * L * K]` int64 in
+    [0, L * E]; slots that are not selected or hold an id outside [0, E) go to the extra bucket L * E.
+    (A spare bucket instead of boolean indexing: masked_select copies are the slow part on big batches.)"""
     N, L, K = experts.shape
+    ok = select & (experts >= 0) & (experts < num_experts)
+    layer = torch.arange(L, device=experts.device).view(1, L, 1)
+    return torch.where(ok, layer * num_experts + experts, L * num_experts).reshape(-1)
+
+
+def _layer_expert_counts(experts: torch.Tensor, select: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Number of selected (token, slot) entries per (layer, expert): experts, select `[N, L, K]` -> `[L, E]`."""
+    L = experts.shape[1]
+    ids = _bucket_ids(experts, select, num_experts)
+    return torch.bincount(ids, minlength=L * num_experts + 1)[:-1].view(L, num_experts).double()
+
+
+def _set_bits(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Top-k sets as bitmasks: `[N, L, K]` ids -> `[N, L, W]` int64 words, W = ceil(E / 64). Out-of-range ids
+    set no bit. A loop over the K slots and W words only (both small), never over tokens."""
+    W = (num_experts + 63) // 64
     ok = (experts >= 0) & (experts < num_experts)
-    layer = torch.arange(L, device=experts.device).view(1, L, 1).expand(N, L, K)
-    idx = (layer * num_experts + experts.clamp(0, num_experts - 1))[ok]
-    out = torch.zeros(L * num_experts, dtype=torch.float64, device=experts.device)
-    out.index_add_(0, idx, weight[ok].double())
-    return out.view(L, num_experts)
+    word, bit = experts.clamp(min=0) // 64, experts.clamp(min=0) % 64
+    one = torch.ones((), dtype=torch.int64, device=experts.device)
+    out = torch.zeros(*experts.shape[:2], W, dtype=torch.int64, device=experts.device)
+    for w in range(W):
+        for k in range(experts.shape[-1]):
+            hit = ok[..., k] & (word[..., k] == w)
+            out[..., w] |= torch.where(hit, one << bit[..., k], 0)
+    return out
 
 
-def _in_other(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """`[N, L, K]` True where a's slot id occurs anywhere in b's top-k of the same (token, layer)."""
-    return (a.unsqueeze(-1) == b.unsqueeze(-2)).any(-1)
+def _in_other(a: torch.Tensor, b_bits: torch.Tensor) -> torch.Tensor:
+    """`[N, L, K]` True where a's slot id is a member of the other side's set (bitmask `[N, L, W]`)."""
+    ac = a.clamp(min=0)
+    words = b_bits.gather(-1, ac // 64)  # [N, L, K]
+    return ((words >> (ac % 64)) & 1).bool() & (a >= 0)
 
 
 @dataclass
@@ -116,12 +137,13 @@ def compute_routing_mismatch(experts_a: torch.Tensor, experts_b: torch.Tensor, m
 
     # work on the real tokens only: [N, L, K]
     a, b, cmp = experts_a[real], experts_b[real], compared[real]
-    a_in_b, b_in_a = _in_other(a, b), _in_other(b, a)  # [N, L, K]
+    a_bits, b_bits = _set_bits(a, num_experts), _set_bits(b, num_experts)
+    a_in_b, b_in_a = _in_other(a, b_bits), _in_other(b, a_bits)  # [N, L, K]
     # |A ∩ B| counts a's distinct ids found in b (ids in a valid top-k are distinct; duplicates are a capture
     # error reported by check_capture_validity)
     inter = a_in_b.sum(-1).double()  # [N, L]
     union = 2 * K - inter
-    differs = ~(a_in_b.all(-1) & b_in_a.all(-1))  # sets differ
+    differs = (a_bits != b_bits).any(-1)  # sets differ
     top1 = a[..., 0] == b[..., 0]
     cmpf = cmp.double()
     n_pairs = cmpf.sum()
@@ -151,11 +173,11 @@ def compute_routing_mismatch(experts_a: torch.Tensor, experts_b: torch.Tensor, m
     }
 
     # per (layer, expert): only compared pairs contribute
-    cmp_k = cmp.unsqueeze(-1).expand(-1, -1, K).double()
+    cmp_k = cmp.unsqueeze(-1)
     chosen_a = _layer_expert_counts(a, cmp_k, num_experts)
     chosen_b = _layer_expert_counts(b, cmp_k, num_experts)
-    a_only = _layer_expert_counts(a, cmp_k * (~a_in_b).double(), num_experts)
-    b_only = _layer_expert_counts(b, cmp_k * (~b_in_a).double(), num_experts)
+    a_only = _layer_expert_counts(a, cmp_k & ~a_in_b, num_experts)
+    b_only = _layer_expert_counts(b, cmp_k & ~b_in_a, num_experts)
     either = chosen_a + b_only  # tokens where a chose it, plus tokens where only b did
 
     def rate(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
@@ -204,7 +226,7 @@ def compute_expert_load(experts: torch.Tensor, mask: torch.Tensor, num_experts: 
     _check_routing("experts", experts, mask)
     real = mask > 0
     e = experts[real]  # [N, L, K]
-    load = _layer_expert_counts(e, torch.ones_like(e, dtype=torch.float64), num_experts)
+    load = _layer_expert_counts(e, torch.ones((), dtype=torch.bool, device=e.device), num_experts)
     mean = load.mean(-1)  # [L]
     used = mean > 0
     if not bool(used.any()):
