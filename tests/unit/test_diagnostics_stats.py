@@ -282,3 +282,14 @@ def test_capture_validity_counts_each_kind_of_bad_route():
     good = check_capture_validity(TRAIN, MASK, E)
     assert good["valid"] == 1.0 and good["invalid_pairs"] == 0
     require_valid_capture(good)
+
+
+def test_sets_of_more_than_64_experts_compare_across_bitmask_words():
+    # E = 130 needs three 64-bit words; ids 1 (word 0), 65 (word 1), 129 (word 2)
+    a = torch.tensor([[[[1, 129]], [[65, 1]]]])   # [1 seq, 2 tokens, 1 layer, top-2]
+    b = torch.tensor([[[[129, 65]], [[1, 65]]]])  # t0: {1,129} vs {65,129} differ; t1: same set
+    mm = compute_routing_mismatch(a, b.short(), torch.ones(1, 2), 130)  # int16 captures are accepted
+    assert mm.scalars["pair_frac"] == approx(1 / 2)
+    assert mm.scalars["jaccard"] == approx((1 / 3 + 1) / 2)  # t0: {129} / {1, 65, 129}
+    assert mm.per_expert["a_only"][0, 1] == 1 and mm.per_expert["b_only"][0, 65] == 1
+    assert mm.per_expert["chosen_a"][0].sum() == 4 and mm.per_expert["a_only"][0].sum() == 1

@@ -113,7 +113,7 @@ def compute_ratio_stats(log_ratio: torch.Tensor, experts: torch.Tensor, mask: to
     outside = (r < 1 - clip_low) | (r > 1 + clip_high)
     adv_g = (advantages[real] <= 0).long()  # 0: A > 0, 1: A <= 0
     mis = mismatched_token_layer[real]  # [N, L]
-    e = experts[real]  # [N, L, K]
+    e = experts[real].long()  # [N, L, K]; int16 captures would overflow the bucket ids
     N = e.shape[0]
 
     # bucket id ((layer * E + expert) * 2 + adv) * 2 + match, one per (token, layer, slot); slots with an id

@@ -136,7 +136,7 @@ def compute_routing_mismatch(experts_a: torch.Tensor, experts_b: torch.Tensor, m
     compared = real.unsqueeze(-1) & _valid_ids(experts_a, num_experts) & _valid_ids(experts_b, num_experts)  # [B,R,L]
 
     # work on the real tokens only: [N, L, K]
-    a, b, cmp = experts_a[real], experts_b[real], compared[real]
+    a, b, cmp = experts_a[real].long(), experts_b[real].long(), compared[real]  # int16 captures: no overflow
     a_bits, b_bits = _set_bits(a, num_experts), _set_bits(b, num_experts)
     a_in_b, b_in_a = _in_other(a, b_bits), _in_other(b, a_bits)  # [N, L, K]
     # |A ∩ B| counts a's distinct ids found in b (ids in a valid top-k are distinct; duplicates are a capture
@@ -225,7 +225,7 @@ def compute_expert_load(experts: torch.Tensor, mask: torch.Tensor, num_experts: 
     """
     _check_routing("experts", experts, mask)
     real = mask > 0
-    e = experts[real]  # [N, L, K]
+    e = experts[real].long()  # [N, L, K]
     load = _layer_expert_counts(e, torch.ones((), dtype=torch.bool, device=e.device), num_experts)
     mean = load.mean(-1)  # [L]
     used = mean > 0
@@ -254,7 +254,7 @@ def check_capture_validity(experts: torch.Tensor, mask: torch.Tensor, num_expert
     """
     _check_routing("experts", experts, mask)
     real = mask > 0
-    e = experts[real]  # [N, L, K]
+    e = experts[real].long()  # [N, L, K]
     N, L, K = e.shape
     missing = (e == -1).any(-1)
     out_of_range = ((e >= num_experts) | (e < -1)).any(-1)
