@@ -5,7 +5,7 @@ stop token), sampling at temperature 1, log-probs of the sampled tokens returned
 rollout routing (one extra prefill replay); ours without routing is reported in `extra`. Also reported: engine
 start time and in-memory weight sync time. One run, same machine, same threads.
 
-    python bench/rollout.py            # medium model (hidden 512, 4 layers, 16 experts), 16 prompts x 8 x 64 tokens
+    python bench/rollout.py            # medium model (hidden 512, 4 layers, 16 experts), 8 prompts x 4 samples x 32 tokens
     python bench/rollout.py --tiny     # the tests' tiny model, seconds of generation (used as a smoke run)
 """
 
@@ -26,7 +26,7 @@ from bench.common import record, timeit  # noqa: E402
 MEDIUM = dict(model=dict(vocab_size=8192, hidden_size=512, num_hidden_layers=4, num_attention_heads=8,
                          num_key_value_heads=4, head_dim=64, intermediate_size=1024, moe_intermediate_size=256,
                          num_experts=16, num_experts_per_tok=2),
-              prompts=16, prompt_len=32, n=8, max_tokens=64)
+              prompts=8, prompt_len=32, n=4, max_tokens=32)
 TINY = dict(model=dict(vocab_size=32, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, head_dim=64, intermediate_size=256, moe_intermediate_size=64,
                        num_experts=8, num_experts_per_tok=2),
