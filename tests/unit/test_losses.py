@@ -111,8 +111,9 @@ def test_up_grpo_agrees_with_the_seeds_appendix_code(agg):
         old, lp, adv, mask = _inputs(b=6, t=9, seed=seed, spread=1.0)
         adv[0, :] = 0.0
         ours = _loss("up_grpo", agg)
-        theirs = lambda o, x, a, m: seed_compute_policy_loss(o, x, a, m, cliprange_low=0.2, cliprange_high=0.28,  # noqa: E731
-                                                             clip_ratio_c=3.0, loss_agg_mode=agg)[0]
+        def theirs(o, x, a, m):
+            return seed_compute_policy_loss(o, x, a, m, cliprange_low=0.2, cliprange_high=0.28, clip_ratio_c=3.0,
+                                            loss_agg_mode=agg)[0]
         torch.testing.assert_close(ours(old, lp, adv, mask), theirs(old, lp, adv, mask), **ORACLE_TOL)
         torch.testing.assert_close(_grad(lambda x: ours(old, x, adv, mask), lp),
                                    _grad(lambda x: theirs(old, x, adv, mask), lp), **ORACLE_TOL)

@@ -39,7 +39,8 @@ agg_loss = verl_agg_loss  # the seed's code calls it by this name
 def seed_compute_policy_loss(old_log_prob, log_prob, advantages, response_mask, cliprange=None, cliprange_low=None,
                              cliprange_high=None, clip_ratio_c=3.0, loss_agg_mode="token-mean"):
     """The seed's appendix implementation of the UP-GRPO policy loss (transcribed)."""
-    assert clip_ratio_c > 1.0, f"The lower bound of the clip_ratio_c for dual-clip PPO should be greater than 1.0, but get the value: {clip_ratio_c}."
+    assert clip_ratio_c > 1.0, (f"The lower bound of the clip_ratio_c for dual-clip PPO should be greater than 1.0, "
+                                f"but get the value: {clip_ratio_c}.")
     negative_approx_kl = log_prob - old_log_prob
     ratio = torch.exp(negative_approx_kl)
     ppo_kl = verl_F.masked_mean(-negative_approx_kl, response_mask)

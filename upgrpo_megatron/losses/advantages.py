@@ -11,7 +11,7 @@ KL_ESTIMATORS = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")
 
 def _check_per_response(rewards: torch.Tensor, group: torch.Tensor) -> None:
     if rewards.dim() != 1:
-        raise ValueError(f"rewards: expected one reward per response, shape [num_responses], got {tuple(rewards.shape)}")
+        raise ValueError(f"rewards: expected one reward per response, [num_responses], got {tuple(rewards.shape)}")
     if tuple(group.shape) != tuple(rewards.shape):
         raise ValueError(f"group: shape {tuple(group.shape)} does not match rewards' {tuple(rewards.shape)}")
 

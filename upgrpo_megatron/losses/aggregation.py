@@ -50,7 +50,7 @@ def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     """Mean of x where mask is set; 0 where the mask is empty (never NaN)."""
-    count = _bool(mask).sum() if dim is None else _bool(mask).sum(dim)
+    count = torch.count_nonzero(_bool(mask)) if dim is None else _bool(mask).sum(dim, dtype=torch.int32)
     return masked_sum(x, mask, dim) / count.clamp(min=1).to(_count_dtype(x.dtype))
 
 
@@ -87,13 +87,15 @@ def agg_loss(loss_mat: torch.Tensor, loss_mask: torch.Tensor, loss_agg_mode: str
         raise ValueError(f"max_response_length: must be >= 1, got {max_response_length}")
     mask = _bool(loss_mask)
     if loss_agg_mode == "token-mean":
-        n_tok = mask.sum() if global_token_count is None else torch.tensor(float(global_token_count), device=mask.device)
+        n_tok = (torch.count_nonzero(mask) if global_token_count is None
+                 else torch.tensor(float(global_token_count), device=mask.device))
         return masked_sum(loss_mat, mask) / n_tok.clamp(min=1).to(_count_dtype(loss_mat.dtype))
     if loss_agg_mode == "seq-mean-token-sum-norm":
         length = loss_mat.shape[-1] if max_response_length is None else max_response_length
         return masked_sum(loss_mat, mask) / float(length)
-    seq_tokens = mask.sum(-1)
-    n_seq = (seq_tokens > 0).sum() if global_seq_count is None else torch.tensor(float(global_seq_count), device=mask.device)
+    seq_tokens = mask.sum(-1, dtype=torch.int32)
+    n_seq = (torch.count_nonzero(seq_tokens) if global_seq_count is None
+             else torch.tensor(float(global_seq_count), device=mask.device))
     seq_sum = masked_sum(loss_mat, mask, -1)
     if loss_agg_mode == "seq-mean-token-mean":
         seq_sum = seq_sum / seq_tokens.clamp(min=1).to(_count_dtype(loss_mat.dtype))

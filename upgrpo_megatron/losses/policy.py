@@ -12,15 +12,19 @@ and the gradient (almost everywhere) that is one clamp of the ratio:
     A < 0:  min(-A c, max(-A r, -A clip(r, 1-eps_low, 1+eps_high)))      = -A clamp(r, 1-eps_low, c)
     A = 0:  0
 (for A < 0, -A > 0 factors out: max(r, clip(r, lo, hi)) = max(r, lo), and min(c, max(r, lo)) = clamp(r, lo, c)
-since lo < 1 < c). The two differ only in how a gradient is split at an exact tie r == c (measure zero). We use
-the closed forms because they allocate a third of the temporaries (bench/losses.py), and the tests check them
-against the seed's literal code. The clip indicators follow the same algebra:
+since lo < 1 < c). The clamp is applied to log r before exp (exp is monotone: the same value to an ulp, and exp
+can never overflow, so verl's +-20 clamp of log r is not needed). The forms differ only in how a gradient is split
+at an exact tie r == c (measure zero). We use them because they need a third of the temporaries and half the time
+(bench/losses.py); the tests check them against the seed's and verl's literal code. The clip indicators follow
+the same algebra and are compared in log space:
     pg_clipfrac       (-A clip(r) > -A r):       A < 0 and r < 1-eps_low,  or  A > 0 and r > 1+eps_high
     pg_clipfrac_lower (max(..) > -A c, A < 0):   A < 0 and r > c
+ppo_kl is the seed's: the mean over valid tokens of log pi_old - log pi (not clamped).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -32,8 +36,6 @@ from upgrpo_megatron.losses.aggregation import AGG_MODES, agg_loss, masked_sum
 LossFn = Callable[..., Tuple[torch.Tensor, Dict[str, Tuple[torch.Tensor, torch.Tensor]]]]
 POLICY_LOSSES: Dict[str, LossFn] = {}
 
-# verl clamps the log-ratio before exp so that one wild token cannot overflow the ratio to inf.
-_LOG_RATIO_CLAMP = 20.0
 # verl clamps GSPO's token-form log-ratio from above (a runaway sequence ratio).
 _GSPO_LOG_RATIO_MAX = 10.0
 
@@ -52,78 +54,84 @@ def register_policy_loss(name: str):
     return deco
 
 
+def _n(b: torch.Tensor) -> torch.Tensor:
+    # count_nonzero, not .sum(): summing a bool tensor first copies it to int64 (~70x slower on CPU)
+    return torch.count_nonzero(b)
+
+
 def _count(indicator: torch.Tensor, over: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """(number of tokens in `over` where `indicator`, number of tokens in `over`): bool tensors."""
-    return (indicator & over).sum(), over.sum()
+    return _n(indicator & over), _n(over)
 
 
 def _log_ratio(old_log_prob: torch.Tensor, log_prob: torch.Tensor) -> torch.Tensor:
-    # log r_t = log pi_theta - log pi_old   (seed §1: r_t = pi_theta / pi_old), clamped as verl
-    return torch.clamp(log_prob - old_log_prob, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    # log r_t = log pi_theta - log pi_old   (seed §1: r_t = pi_theta / pi_old)
+    return log_prob - old_log_prob
 
 
-def _dual_clip_neg(ratio: torch.Tensor, advantages: torch.Tensor, clip_low: float, clip_c: float) -> torch.Tensor:
-    # L_GRPO for A <= 0 (seed §4.1 L_Neg, appendix): min(-A c, max(-A r, -A clip(r))) = -A clamp(r, 1-eps_low, c)
-    return -advantages * torch.clamp(ratio, 1.0 - clip_low, clip_c)
+def _dual_clip_neg(log_ratio, advantages, clip_low: float, clip_c: float) -> torch.Tensor:
+    # L_Neg, A <= 0 (seed §4.1, appendix): min(-A c, max(-A r, -A clip(r, 1-eps_l, 1+eps_h))) = -A clamp(r, 1-eps_l, c)
+    # (clamped in log space, exp after: the same value as exp is monotone, and exp can never overflow)
+    return -advantages * torch.exp(torch.clamp(log_ratio, math.log(1.0 - clip_low), math.log(clip_c)))
 
 
-def _clip_counts(ratio, advantages, mask, clip_low, clip_high, clip_c, *, over_neg_only: bool):
-    """pg_clipfrac / pg_clipfrac_lower counts (module docstring). The seed averages them over the negative path
-    (A <= 0) only; verl's vanilla loss over all valid tokens."""
+def _clip_counts(log_ratio, pos, neg, over, clip_low, clip_high, clip_c, *, count_pos: bool):
+    """pg_clipfrac / pg_clipfrac_lower counts (module docstring), compared in log space. `over`: the tokens to
+    average over: the seed's negative path (A <= 0) for UP-GRPO; all valid tokens (verl) for vanilla."""
     with torch.no_grad():
-        neg = advantages < 0
-        clipped = neg & (ratio < 1.0 - clip_low)
-        if not over_neg_only:
-            clipped |= (advantages > 0) & (ratio > 1.0 + clip_high)
-        lower = neg & (ratio > clip_c)
-        over = mask & (advantages <= 0) if over_neg_only else mask
+        clipped = neg & (log_ratio < math.log(1.0 - clip_low))        # A < 0, r < 1 - eps_low
+        if count_pos:
+            clipped |= pos & (log_ratio > math.log1p(clip_high))      # A > 0, r > 1 + eps_high
+        lower = neg & (log_ratio > math.log(clip_c))                   # A < 0, r > c: the dual clip
         return {"pg_clipfrac": _count(clipped, over), "pg_clipfrac_lower": _count(lower, over)}
 
 
 def _kl_counts(log_ratio, mask):
     with torch.no_grad():
-        # ppo_kl = mean over valid tokens of (log pi_old - log pi)   (verl)
-        return {"ppo_kl": (-masked_sum(log_ratio, mask), mask.sum())}
+        # ppo_kl = mean over valid tokens of (log pi_old - log pi)   (seed's appendix)
+        return {"ppo_kl": (-masked_sum(log_ratio, mask), _n(mask))}
 
 
 @register_policy_loss("vanilla")
 def vanilla_loss(old_log_prob, log_prob, advantages, mask, *, clip_ratio_low, clip_ratio_high, clip_ratio_c):
     """PPO/GRPO clip with decoupled low/high range (DAPO's clip-higher) and dual-clip for A < 0 (seed §1)."""
     log_ratio = _log_ratio(old_log_prob, log_prob)
-    ratio = torch.exp(log_ratio)  # r_t = exp(log pi_theta - log pi_old)
-    # A > 0: max(-A r, -A clip(r, 1-eps_l, 1+eps_h)) = -A min(r, 1+eps_h);  A <= 0: the dual clip (L_Neg)
-    clipped_ratio = torch.where(advantages > 0, torch.clamp(ratio, max=1.0 + clip_ratio_high),
-                                torch.clamp(ratio, 1.0 - clip_ratio_low, clip_ratio_c))
-    loss = -advantages * clipped_ratio
-    counts = _clip_counts(ratio, advantages, mask, clip_ratio_low, clip_ratio_high, clip_ratio_c, over_neg_only=False)
+    pos = advantages > 0
+    # A > 0: max(-A r, -A clip(r, 1-eps_l, 1+eps_h)) = -A min(r, 1+eps_h);  A <= 0: the dual clip (as L_Neg)
+    clipped = torch.where(pos, torch.clamp(log_ratio, max=math.log1p(clip_ratio_high)),
+                          torch.clamp(log_ratio, math.log(1.0 - clip_ratio_low), math.log(clip_ratio_c)))
+    loss = -advantages * torch.exp(clipped)
+    counts = _clip_counts(log_ratio, pos, advantages < 0, mask, clip_ratio_low, clip_ratio_high, clip_ratio_c,
+                          count_pos=True)
     counts.update(_kl_counts(log_ratio, mask))
     return loss, counts
 
 
-def _up_split(log_prob, advantages, mask, neg_loss):
+def _up_split(log_prob, advantages, pos, neg_loss):
     # UP-GRPO (seed §4.1): A > 0 -> L_Pos = -A log pi_theta (AW-SFT: no ratio, no clip); A <= 0 -> L_Neg
-    return torch.where(advantages > 0, -advantages * log_prob, neg_loss)
+    return torch.where(pos, -advantages * log_prob, neg_loss)
 
 
-def _up_counts(baseline_ratio, advantages, mask, clip_high):
+def _up_counts(baseline_log_ratio, pos, mask, clip_high):
     with torch.no_grad():
-        pos = mask & (advantages > 0)
+        pos_valid = mask & pos
         return {
-            "up/pos_token_frac": (pos.sum(), mask.sum()),
+            "up/pos_token_frac": (_n(pos_valid), _n(mask)),
             # positive tokens whose (baseline's) ratio is above 1 + eps_high: updates the baseline would have zeroed
-            "up/pos_ratio_above_clip_frac": _count(baseline_ratio > 1.0 + clip_high, pos),
+            "up/pos_ratio_above_clip_frac": _count(baseline_log_ratio > math.log1p(clip_high), pos_valid),
         }
 
 
 @register_policy_loss("up_grpo")
 def up_grpo_loss(old_log_prob, log_prob, advantages, mask, *, clip_ratio_low, clip_ratio_high, clip_ratio_c):
     """UP-GRPO: A > 0 tokens -A log pi (no ratio, no clip); A <= 0 tokens bit-identical to `vanilla`."""
-    log_ratio = _log_ratio(old_log_prob, log_prob)
-    ratio = torch.exp(log_ratio)  # r_t, used by the negative branch only
-    loss = _up_split(log_prob, advantages, mask, _dual_clip_neg(ratio, advantages, clip_ratio_low, clip_ratio_c))
-    counts = _clip_counts(ratio, advantages, mask, clip_ratio_low, clip_ratio_high, clip_ratio_c, over_neg_only=True)
+    log_ratio = _log_ratio(old_log_prob, log_prob)  # used by the negative branch only
+    pos = advantages > 0
+    loss = _up_split(log_prob, advantages, pos, _dual_clip_neg(log_ratio, advantages, clip_ratio_low, clip_ratio_c))
+    counts = _clip_counts(log_ratio, pos, advantages < 0, mask & ~pos, clip_ratio_low, clip_ratio_high, clip_ratio_c,
+                          count_pos=False)
     counts.update(_kl_counts(log_ratio, mask))
-    counts.update(_up_counts(ratio, advantages, mask, clip_ratio_high))
+    counts.update(_up_counts(log_ratio, pos, mask, clip_ratio_high))
     return loss, counts
 
 
@@ -134,7 +142,8 @@ def gspo_token_log_ratio(old_log_prob: torch.Tensor, log_prob: torch.Tensor, mas
     with seq-mean-token-mean aggregation the gradient is the paper's (1/G) sum_i s_i A_i (1/|y_i|) sum_t grad log pi.
     """
     # log s_i = (1/|y_i|) sum_t log(pi_theta(y_it) / pi_old(y_it))   (GSPO: length-normalised sequence ratio)
-    seq_log_ratio = masked_sum(log_prob - old_log_prob, mask, -1) / mask.sum(-1).clamp(min=1).to(log_prob.dtype)
+    n_tokens = mask.sum(-1, dtype=torch.int32).clamp(min=1)
+    seq_log_ratio = masked_sum(log_prob - old_log_prob, mask, -1) / n_tokens.to(log_prob.dtype)
     # log s_it = sg[log s_i] + log pi_t - sg[log pi_t]   (GSPO-token: stop-gradient form), clamped as verl
     return torch.clamp(seq_log_ratio.detach().unsqueeze(-1) + log_prob - log_prob.detach(), max=_GSPO_LOG_RATIO_MAX)
 
@@ -154,7 +163,7 @@ def gspo_loss(old_log_prob, log_prob, advantages, mask, *, clip_ratio_low, clip_
     loss, pg_losses1, pg_losses2 = _gspo_clip(seq_ratio, advantages, clip_ratio_low, clip_ratio_high)
     with torch.no_grad():
         counts = {"pg_clipfrac": _count(pg_losses2 > pg_losses1, mask),
-                  "pg_clipfrac_lower": (torch.zeros((), dtype=torch.long), mask.sum())}
+                  "pg_clipfrac_lower": (torch.zeros((), dtype=torch.long), _n(mask))}
     counts.update(_kl_counts(log_prob.detach() - old_log_prob, mask))
     return loss, counts
 
@@ -162,16 +171,18 @@ def gspo_loss(old_log_prob, log_prob, advantages, mask, *, clip_ratio_low, clip_
 @register_policy_loss("up_gspo")
 def up_gspo_loss(old_log_prob, log_prob, advantages, mask, *, clip_ratio_low, clip_ratio_high, clip_ratio_c):
     """Seed §4.4: A > 0 as in UP-GRPO (-A log pi), A <= 0 with GSPO's sequence-ratio clip."""
-    seq_ratio = torch.exp(gspo_token_log_ratio(old_log_prob, log_prob, mask))
-    neg_loss, pg_losses1, pg_losses2 = _gspo_clip(seq_ratio, advantages, clip_ratio_low, clip_ratio_high)
-    loss = _up_split(log_prob, advantages, mask, neg_loss)
+    seq_log_ratio = gspo_token_log_ratio(old_log_prob, log_prob, mask)
+    neg_loss, pg_losses1, pg_losses2 = _gspo_clip(torch.exp(seq_log_ratio), advantages, clip_ratio_low,
+                                                  clip_ratio_high)
+    pos = advantages > 0
+    loss = _up_split(log_prob, advantages, pos, neg_loss)
     with torch.no_grad():
-        neg = mask & (advantages <= 0)
+        neg = mask & ~pos
         counts = {"pg_clipfrac": _count(pg_losses2 > pg_losses1, neg),
-                  "pg_clipfrac_lower": (torch.zeros((), dtype=torch.long), neg.sum())}
+                  "pg_clipfrac_lower": (torch.zeros((), dtype=torch.long), _n(neg))}
     counts.update(_kl_counts(log_prob.detach() - old_log_prob, mask))
     # the baseline here is GSPO: the ratio it would have clipped is the sequence ratio
-    counts.update(_up_counts(seq_ratio, advantages, mask, clip_ratio_high))
+    counts.update(_up_counts(seq_log_ratio.detach(), pos, mask, clip_ratio_high))
     return loss, counts
 
 
@@ -232,9 +243,10 @@ def compute_policy_loss(old_log_prob: torch.Tensor, log_prob: torch.Tensor, adva
     """
     if loss_agg_mode not in AGG_MODES:
         raise ValueError(f"loss_agg_mode: unknown mode '{loss_agg_mode}'; choose one of {', '.join(AGG_MODES)}")
-    loss_mat, metrics = policy_loss_per_token(old_log_prob, log_prob, advantages, response_mask, loss_mode=loss_mode,
+    mask = response_mask if response_mask.dtype == torch.bool else response_mask > 0  # converted once, here
+    loss_mat, metrics = policy_loss_per_token(old_log_prob, log_prob, advantages, mask, loss_mode=loss_mode,
                                               clip_ratio_low=clip_ratio_low, clip_ratio_high=clip_ratio_high,
                                               clip_ratio_c=clip_ratio_c)
-    loss = agg_loss(loss_mat, response_mask, loss_agg_mode, global_token_count=global_token_count,
+    loss = agg_loss(loss_mat, mask, loss_agg_mode, global_token_count=global_token_count,
                     global_seq_count=global_seq_count, max_response_length=max_response_length)
     return (loss, metrics, loss_mat) if return_loss_mat else (loss, metrics)
