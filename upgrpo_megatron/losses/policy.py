@@ -163,7 +163,7 @@ def gspo_loss(old_log_prob, log_prob, advantages, mask, *, clip_ratio_low, clip_
     loss, pg_losses1, pg_losses2 = _gspo_clip(seq_ratio, advantages, clip_ratio_low, clip_ratio_high)
     with torch.no_grad():
         counts = {"pg_clipfrac": _count(pg_losses2 > pg_losses1, mask),
-                  "pg_clipfrac_lower": (torch.zeros((), dtype=torch.long), _n(mask))}
+                  "pg_clipfrac_lower": (torch.zeros((), dtype=torch.long, device=mask.device), _n(mask))}
     counts.update(_kl_counts(log_prob.detach() - old_log_prob, mask))
     return loss, counts
 
@@ -179,7 +179,7 @@ def up_gspo_loss(old_log_prob, log_prob, advantages, mask, *, clip_ratio_low, cl
     with torch.no_grad():
         neg = mask & ~pos
         counts = {"pg_clipfrac": _count(pg_losses2 > pg_losses1, neg),
-                  "pg_clipfrac_lower": (torch.zeros((), dtype=torch.long), _n(neg))}
+                  "pg_clipfrac_lower": (torch.zeros((), dtype=torch.long, device=neg.device), _n(neg))}
     counts.update(_kl_counts(log_prob.detach() - old_log_prob, mask))
     # the baseline here is GSPO: the ratio it would have clipped is the sequence ratio
     counts.update(_up_counts(seq_log_ratio.detach(), pos, mask, clip_ratio_high))
