@@ -1,0 +1,174 @@
+"""Conversion throughput and peak memory: our HF -> Megatron and Megatron -> HF vs plainly reading and
+writing the same safetensors bytes (`safetensors.torch.load_file` + `save_file`, the floor any converter
+pays), at two model sizes so that peak memory can be read against model size.
+
+    python bench/convert.py [--layers 4 12] [--repeats 2]
+
+Each measure runs in a fresh process (`--child`), timed after imports and process-group start-up; memory is
+the process's peak RSS minus its RSS just before the conversion (what the conversion itself added).
+Writes `convert_hf_to_megatron` and `convert_megatron_to_hf` into bench/results.json (MB/s; ratio > 1 means
+ours moves bytes faster than the plain copy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def model_cfg(layers: int) -> dict:
+    return dict(architecture="qwen3_moe", vocab_size=4096, hidden_size=256, num_layers=layers, num_attention_heads=4,
+                num_query_groups=2, head_dim=64, ffn_hidden_size=512, moe_ffn_hidden_size=128, num_experts=32,
+                moe_router_topk=4, norm_topk_prob=True, first_k_dense_layers=0, shared_expert_ffn_hidden_size=0,
+                rope_theta=1e6, norm_epsilon=1e-6, max_position_embeddings=256, tie_word_embeddings=False,
+                dtype="fp32")
+
+
+def make_hf(cfg: dict, out: Path) -> int:
+    """A random HF directory written directly from the mapping's shapes (no transformers model in memory)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from upgrpo_megatron.convert import hf_shapes, model_cfg_to_hf_config
+
+    out.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    tensors = {k: 0.02 * torch.randn(s, generator=g) for k, s in hf_shapes(cfg).items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(model_cfg_to_hf_config(cfg)))
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _rss_bytes(field: str = "VmRSS") -> int:
+    """VmRSS (all resident pages) or RssAnon (anonymous memory only: what the process holds, as opposed to
+    file pages it has mapped, e.g. safetensors/DCP reads through mmap, which the kernel can drop)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class _AnonPeak:
+    """Samples RssAnon every 5 ms in a thread (the kernel keeps a peak only for the total RSS)."""
+
+    def __init__(self):
+        import threading
+
+        self.peak = _rss_bytes("RssAnon")
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _rss_bytes("RssAnon"))
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._t.join()
+        return max(self.peak, _rss_bytes("RssAnon"))
+
+
+def child(mode: str, src: str, dst: str) -> dict:
+    """One measure in this (fresh) process."""
+    os.environ["UPGRPO_NO_PROGRESS"] = "1"
+    import torch  # noqa: F401
+    from safetensors.torch import load_file, save_file
+
+    from upgrpo_megatron.convert.megatron_io import convert_hf_to_megatron, convert_megatron_to_hf
+    from upgrpo_megatron.megatron import checkpoint, model, parallel  # noqa: F401  (imports are not timed)
+    from upgrpo_megatron.megatron.parallel import init_distributed
+
+    init_distributed()
+    base, base_anon = _rss_bytes(), _rss_bytes("RssAnon")
+    sampler = _AnonPeak()
+    t0 = time.perf_counter()
+    if mode == "plain_copy":
+        Path(dst).mkdir()
+        save_file(load_file(str(Path(src) / "model.safetensors")), str(Path(dst) / "model.safetensors"))
+    elif mode == "hf_to_megatron":
+        convert_hf_to_megatron(src, dst, show_progress=False)
+    elif mode == "megatron_to_hf":
+        convert_megatron_to_hf(src, dst, show_progress=False, batch_bytes=8 * 1024**2)
+    else:
+        raise ValueError(mode)
+    seconds = time.perf_counter() - t0
+    peak_anon = sampler.stop()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"seconds": seconds, "peak_added_bytes": max(0, peak - base),
+            "peak_anon_added_bytes": max(0, peak_anon - base_anon)}
+
+
+def run_child(mode: str, src: Path, dst: Path) -> dict:
+    if dst.exists():
+        shutil.rmtree(dst)
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    proc = subprocess.run([sys.executable, __file__, "--child", mode, str(src), str(dst)], env=env,
+                          capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{mode} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, nargs="+", default=[4, 12])
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--child", nargs=3, metavar=("MODE", "SRC", "DST"), help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        print(json.dumps(child(*a.child)))
+        return
+
+    from bench.common import record
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_convert_") as tmp:
+        tmp = Path(tmp)
+        for layers in a.layers:
+            cfg = model_cfg(layers)
+            hf = tmp / f"hf_{layers}"
+            nbytes = make_hf(cfg, hf)
+            best = {}
+            for _ in range(a.repeats):
+                for mode, src, dst in (("plain_copy", hf, tmp / "copy"), ("hf_to_megatron", hf, tmp / f"ck_{layers}"),
+                                       ("megatron_to_hf", tmp / f"ck_{layers}", tmp / "export")):
+                    r = run_child(mode, src, dst)
+                    if mode not in best or r["seconds"] < best[mode]["seconds"]:
+                        best[mode] = r
+            row = {"layers": layers, "model_mb": nbytes / 1e6}
+            for mode, r in best.items():
+                row[f"{mode}_mb_s"] = nbytes / 1e6 / r["seconds"]
+                row[f"{mode}_peak_added_mb"] = r["peak_added_bytes"] / 1e6
+                row[f"{mode}_peak_anon_added_mb"] = r["peak_anon_added_bytes"] / 1e6
+            rows.append(row)
+            print(json.dumps(row))
+    big = rows[-1]
+    config = {"arch": "qwen3_moe", "hidden": 256, "experts": 32, "moe_ffn": 128, "vocab": 4096, "dtype": "fp32",
+              "layers": [r["layers"] for r in rows], "processes": 1, "export_batch_mb": 8}
+    extra = {"rows": rows, "note": "peak_added = process peak RSS minus RSS before converting (includes mmap'd "
+                                   "file pages); peak_anon_added = the same for anonymous memory (sampled every 5 ms)."
+                                   " HF->Megatron holds the model (one rank's shard under torchrun); Megatron->HF "
+                                   "holds one read batch (8 MB here)"}
+    for mode, name in (("hf_to_megatron", "convert_hf_to_megatron"), ("megatron_to_hf", "convert_megatron_to_hf")):
+        ours, theirs = big[f"{mode}_mb_s"], big["plain_copy_mb_s"]
+        record(name, ours, theirs, ours / theirs, "MB/s", config,
+               dict(extra, peak_added_mb={r["layers"]: r[f"{mode}_peak_added_mb"] for r in rows},
+                    peak_anon_added_mb={r["layers"]: r[f"{mode}_peak_anon_added_mb"] for r in rows},
+                    plain_copy_peak_added_mb={r["layers"]: r["plain_copy_peak_added_mb"] for r in rows}))
+
+
+if __name__ == "__main__":
+    main()
