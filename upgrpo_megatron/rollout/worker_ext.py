@@ -126,7 +126,10 @@ def reload_weights(worker, blob: bytes) -> int:
     engine's model in place. Returns the number of tensors received.
 
     vLLM's own `reload_weights` left part of the old weights in place on CPU (the CPU kernels keep packed
-    copies: linear layers a oneDNN/SGL handle, MoE experts a VNNI-packed buffer). So: plain parameters go
+    copies: linear layers a oneDNN/SGL handle, MoE experts a VNNI-packed buffer). Measured on the tests' tiny
+    model after a 0.05-sigma perturbation of every weight (linear layers kept plain by the plugin): log-prob
+    |Δ| to the new weights mean 0.17 / max 0.60 nats with all tensors in one call, mean 0.49 with two
+    buckets; this function: mean 2e-7 / max 5e-7 with 33 buckets. So: plain parameters go
     through the model's `load_weights` (linear layers stay plain tensors thanks to rollout/vllm_plugin.py),
     and each MoE layer's experts, once all of them have arrived (a layer may span buckets), are stacked into
     the kernel's fused tensors and packed again by the experts implementation's `process_weights_after_loading`."""
