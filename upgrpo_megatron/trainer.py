@@ -222,6 +222,8 @@ class Trainer:
                 max_model_len=self.cfg.data.max_prompt_length + self.cfg.data.max_response_length,
                 kv_cache_gib=r.kv_cache_gib, enforce_eager=r.enforce_eager, capture_routing=r.capture_routing,
             )
+            # the engine starts from the weights just exported: on resume that is the checkpoint's version
+            self.engine.weight_version = self.weight_version
         del weights
 
     def _sync_weights(self, metrics):
