@@ -85,3 +85,13 @@ def test_existing_run_dir_without_resume_is_refused_and_untouched(full_run):
     assert proc.returncode == 2
     assert "already exists" in proc.stderr and "Traceback" not in proc.stderr
     assert (d / "metrics.jsonl").read_text() == before
+
+
+@pytest.mark.distributed
+def test_two_ranks_with_expert_parallelism_train_end_to_end(tmp_path):
+    d = tmp_path / "ep2"
+    train(d, "parallel.ep=2", "trainer.total_steps=1", "trainer.report=false", "trainer.export_hf=false",
+          "sft_warmup.steps=10", nproc=2)
+    m = metrics(d)
+    assert 0 in m and 1 in m and "critic/score/mean" in m[1]
+    assert (d / "checkpoints" / "step_000001" / "COMPLETE").exists()
