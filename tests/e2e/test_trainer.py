@@ -81,7 +81,10 @@ def test_interrupted_and_resumed_run_logs_the_same_metrics(full_run, tmp_path):
 def test_existing_run_dir_without_resume_is_refused_and_untouched(full_run):
     d, _ = full_run
     before = (d / "metrics.jsonl").read_text()
-    proc = train(d, "trainer.resume=never", check=False)
+    # plain `python` (a world of one): torchrun would replace exit status 2 by its own 1 and add its traceback
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "train_moe.py"), str(ROOT / "recipes" / "qwen_moe.yaml"),
+                           f"trainer.run_dir={d}", "trainer.resume=never"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 2
     assert "already exists" in proc.stderr and "Traceback" not in proc.stderr
     assert (d / "metrics.jsonl").read_text() == before
