@@ -97,6 +97,11 @@ class PolicyGPTModel(GPTModel):
         return torch.stack([lp, ent], dim=-1).transpose(0, 1)
 
 
+def cfg_get(model_cfg: Any, key: str, default: Any = None) -> Any:
+    """A key of the recipe's model section, given as a dict or a dataclass."""
+    return model_cfg.get(key, default) if isinstance(model_cfg, dict) else getattr(model_cfg, key, default)
+
+
 @dataclass(frozen=True)
 class ModelShape:
     """What the rest of the code needs to know about the model, independent of parallelism."""
@@ -122,7 +127,7 @@ class ModelShape:
 
 
 def model_shape(model_cfg: Any) -> ModelShape:
-    g = lambda k, d=0: getattr(model_cfg, k, d) if not isinstance(model_cfg, dict) else model_cfg.get(k, d)  # noqa: E731
+    g = lambda k, d=0: cfg_get(model_cfg, k, d)  # noqa: E731
     return ModelShape(
         architecture=g("architecture", "qwen3_moe"),
         vocab_size=int(g("vocab_size")),
@@ -156,7 +161,7 @@ def build_transformer_config(
 ) -> TransformerConfig:
     """The single place where the recipe's model section becomes a megatron `TransformerConfig`."""
     s = model_shape(model_cfg)
-    get = lambda k, d=None: getattr(model_cfg, k, d) if not isinstance(model_cfg, dict) else model_cfg.get(k, d)  # noqa: E731
+    get = lambda k, d=None: cfg_get(model_cfg, k, d)  # noqa: E731
     params_dtype = _dtype(dtype)
     on_gpu = compat.cuda_available()
     moe_layer_freq = [0] * s.first_k_dense_layers + [1] * (s.num_layers - s.first_k_dense_layers)
@@ -256,7 +261,7 @@ def build_gpt_model(
     if config is None:
         config = build_transformer_config(model_cfg, **config_kwargs)
     s = model_shape(model_cfg)
-    get = lambda k, d=None: getattr(model_cfg, k, d) if not isinstance(model_cfg, dict) else model_cfg.get(k, d)  # noqa: E731
+    get = lambda k, d=None: cfg_get(model_cfg, k, d)  # noqa: E731
     if compat.have_transformer_engine():
         spec = get_gpt_decoder_block_spec(config, use_transformer_engine=True, normalization="RMSNorm")
     else:
