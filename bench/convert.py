@@ -3,6 +3,7 @@ writing the same safetensors bytes (`safetensors.torch.load_file` + `save_file`,
 pays), at two model sizes so that peak memory can be read against model size.
 
     python bench/convert.py [--layers 4 12] [--repeats 2]
+    python bench/convert.py --tiny      # one 1-layer model, one repeat: a smoke run (entries named *_tiny)
 
 Each measure runs in a fresh process (`--child`), timed after imports and process-group start-up; memory is
 the process's peak RSS minus its RSS just before the conversion (what the conversion itself added).
@@ -126,11 +127,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, nargs="+", default=[4, 12])
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--results", default=None, help="results.json to merge into (default bench/results.json)")
     ap.add_argument("--child", nargs=3, metavar=("MODE", "SRC", "DST"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         print(json.dumps(child(*a.child)))
         return
+    if a.tiny:
+        a.layers, a.repeats = [1], 1
 
     from bench.common import record
 
@@ -164,10 +169,11 @@ def main() -> None:
                                    "holds one read batch (8 MB here)"}
     for mode, name in (("hf_to_megatron", "convert_hf_to_megatron"), ("megatron_to_hf", "convert_megatron_to_hf")):
         ours, theirs = big[f"{mode}_mb_s"], big["plain_copy_mb_s"]
-        record(name, ours, theirs, ours / theirs, "MB/s", config,
+        record(name + ("_tiny" if a.tiny else ""), ours, theirs, ours / theirs, "MB/s", config,
                dict(extra, peak_added_mb={r["layers"]: r[f"{mode}_peak_added_mb"] for r in rows},
                     peak_anon_added_mb={r["layers"]: r[f"{mode}_peak_anon_added_mb"] for r in rows},
-                    plain_copy_peak_added_mb={r["layers"]: r["plain_copy_peak_added_mb"] for r in rows}))
+                    plain_copy_peak_added_mb={r["layers"]: r["plain_copy_peak_added_mb"] for r in rows}),
+               path=a.results)
 
 
 if __name__ == "__main__":

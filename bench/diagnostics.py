@@ -43,6 +43,7 @@ def dense_baseline(train, roll, mask, log_ratio, adv, num_experts):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--results", default=None, help="results.json to merge into (default bench/results.json)")
     a = ap.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     B, R, L, E, K = (8, 32, 4, 16, 2) if a.tiny else (64, 256, 24, 64, 8)
@@ -64,10 +65,11 @@ def main(argv=None) -> int:
     reps = 2 if a.tiny else 5
     t_ours, t_theirs = timeit(ours, repeats=reps)["median"], timeit(theirs, repeats=reps)["median"]
     tokens = int(mask.sum())
-    entry = record("diagnostics_step", t_ours, t_theirs, t_theirs / t_ours, "s/call",
+    entry = record("diagnostics_step" + ("_tiny" if a.tiny else ""), t_ours, t_theirs, t_theirs / t_ours, "s/call",
                    {"batch": B, "response_len": R, "layers": L, "experts": E, "topk": K, "tiny": a.tiny},
                    {"us_per_token": 1e6 * t_ours / tokens, "tokens": tokens,
-                    "note": "ours computes the full bundle; the dense baseline only 3 of its statistics"})
+                    "note": "ours computes the full bundle; the dense baseline only 3 of its statistics"},
+                   path=a.results)
     print(f"diagnostics_step: ours {t_ours * 1e3:.1f} ms, dense one-hot {t_theirs * 1e3:.1f} ms "
           f"({entry['ratio']:.2f}x), {entry['extra']['us_per_token']:.2f} us/token")
     return 0

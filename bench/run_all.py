@@ -1,8 +1,11 @@
 """Run every benchmark, then render bench/results.md from bench/results.json (the README includes it).
 
     python bench/run_all.py            # all measures at their documented sizes (`make bench`)
-    python bench/run_all.py --tiny     # seconds-long smoke versions (the test suite runs this per script)
+    python bench/run_all.py --tiny     # seconds-long smoke versions, into a temporary results file
     python bench/run_all.py --table    # only re-render the table from results.json
+
+The table goes to bench/results.md and into README.md between the bench-table markers. `BENCH_RESULTS`
+names another results file (the smoke tests use one so that bench/results.json is never overwritten).
 """
 
 from __future__ import annotations
@@ -12,16 +15,21 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+README = HERE.parent / "README.md"
+MARKERS = ("<!-- bench-table:start (rendered by bench/run_all.py --table) -->", "<!-- bench-table:end -->")
 SCRIPTS = ["losses.py", "actor_step.py", "rollout.py", "convert.py", "diagnostics.py", "rl_step.py", "scaling.py"]
 
 
 def render_table(results: Path = HERE / "results.json") -> str:
+    """The markdown table of every full-size measure (`*_tiny` smoke entries are left out)."""
     data = json.loads(results.read_text()) if results.exists() else {}
-    lines = ["| measure | ours | theirs | ratio (ours/theirs, >1 is better) | unit | config |",
+    data = {k: v for k, v in data.items() if not k.endswith("_tiny")}
+    lines = ["| measure | ours | theirs | ratio (>1: ours is better) | unit | config |",
              "|---|---|---|---|---|---|"]
     for name in sorted(data):
         e = data[name]
@@ -30,18 +38,35 @@ def render_table(results: Path = HERE / "results.json") -> str:
     return "\n".join(lines) + "\n"
 
 
+def update_readme(table: str, readme: Path = README) -> bool:
+    """Replace the README's table between the markers; False when the markers are missing."""
+    text = readme.read_text()
+    start, end = MARKERS
+    if start not in text or end not in text:
+        return False
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{start}\n{table}{end}{tail}")
+    return True
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--table", action="store_true")
     a = ap.parse_args(argv)
     failed = []
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if a.tiny and "BENCH_RESULTS" not in env:  # smoke sizes never land in the committed results
+        env["BENCH_RESULTS"] = str(Path(tempfile.mkdtemp(prefix="bench_tiny_")) / "results.json")
+    results = Path(env.get("BENCH_RESULTS", HERE / "results.json"))
+    t_all = time.time()
     if not a.table:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
         for s in SCRIPTS:
             path = HERE / s
             if not path.exists():
-                print(f"[bench] {s}: not written yet, skipped")
+                print(f"[bench] {s}: missing", flush=True)
+                failed.append(s)
                 continue
             t0 = time.time()
             print(f"[bench] {s} ...", flush=True)
@@ -49,9 +74,16 @@ def main(argv=None) -> int:
             print(f"[bench] {s}: exit {proc.returncode} in {time.time() - t0:.0f}s", flush=True)
             if proc.returncode:
                 failed.append(s)
-    table = render_table()
-    (HERE / "results.md").write_text(table)
-    print(table)
+    print(f"[bench] total {time.time() - t_all:.0f}s", flush=True)
+    if a.tiny:
+        data = json.loads(results.read_text()) if results.exists() else {}
+        print(f"[bench] tiny entries in {results}: {', '.join(sorted(data))}")
+    else:
+        table = render_table(results)
+        if results == HERE / "results.json":
+            (HERE / "results.md").write_text(table)
+            update_readme(table)
+        print(table)
     if failed:
         print(f"[bench] failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
