@@ -350,12 +350,27 @@ def to_dict(cfg) -> Dict[str, Any]:
     return d
 
 
-def save_resolved(cfg: RecipeConfig, path) -> None:
+def save_resolved(cfg: RecipeConfig, path, *, step: int = 0) -> Optional[Path]:
+    """Write the resolved config atomically. A different config already there (a run resumed with other
+    settings) is kept as `config.before_step_K.yaml` rather than overwritten; returns that path if any."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    text = f"# resolved from {cfg.source}\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    kept = None
+    if path.exists():
+        old = path.read_text()
+        if old.split("\n", 1)[-1] == text.split("\n", 1)[-1]:
+            return None
+        kept = path.with_name(f"{path.stem}.before_step_{step}{path.suffix}")
+        n = 1
+        while kept.exists():
+            kept = path.with_name(f"{path.stem}.before_step_{step}.{n}{path.suffix}")
+            n += 1
+        kept.write_text(old)
     tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(f"# resolved from {cfg.source}\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.write_text(text)
     tmp.replace(path)
+    return kept
 
 
 def _get(cfg, key: str):

@@ -22,11 +22,12 @@ def _clean(v: Any) -> Any:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, *, tensorboard: bool = True, resume_step: Optional[int] = None):
+    def __init__(self, run_dir: Path, *, tensorboard: bool = True, keep_through: Optional[int] = None):
+        """keep_through: the step of the checkpoint being resumed, None for a fresh start; the log is cut back
+        to the records that the checkpoint covers (all of them go when there is none)."""
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None:
-            self.truncate_after(resume_step)
+        self.truncate_after(keep_through)
         self.tb = None
         if tensorboard:
             try:
@@ -36,25 +37,13 @@ class MetricsLogger:
             except Exception:  # tensorboard is optional; metrics.jsonl is always written
                 self.tb = None
 
-    def truncate_after(self, step: int) -> int:
-        """Keep only records with record['step'] <= step (atomically). Returns how many were dropped."""
-        if not self.path.exists():
-            return 0
-        kept, dropped = [], 0
-        for line in self.path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by a crash mid-write
-                dropped += 1
-                continue
-            if rec.get("step", -1) <= step:
-                kept.append(line)
-            else:
-                dropped += 1
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(k + "\n" for k in kept))
-        os.replace(tmp, self.path)
-        return dropped
+    def truncate_after(self, step: Optional[int]) -> int:
+        """Keep only records with record['step'] <= step (None: none). Returns how many were dropped."""
+        return truncate_jsonl(self.path, step)
+
+    def steps(self) -> set:
+        """The steps logged so far."""
+        return {r.get("step") for r in read_metrics(self.path.parent)}
 
     def log(self, step: int, metrics: Dict[str, Any]) -> None:
         rec = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
@@ -71,6 +60,30 @@ class MetricsLogger:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def truncate_jsonl(path: Path, step: Optional[int]) -> int:
+    """Atomically keep the lines of a per-step JSONL file with record['step'] <= step (None: keep none).
+    Lines cut by a crash mid-write are dropped too. Returns how many lines were dropped."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a crash mid-write
+            dropped += 1
+            continue
+        if step is not None and isinstance(rec, dict) and rec.get("step", -1) <= step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(k + "\n" for k in kept))
+        os.replace(tmp, path)
+    return dropped
 
 
 def read_metrics(run_dir: Path) -> list:

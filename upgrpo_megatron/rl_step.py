@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from upgrpo_megatron import faults
 from upgrpo_megatron.trainer import TrainingStopped, pad_right, timer
 
 
@@ -97,8 +98,12 @@ def run_rl_step(tr) -> Dict[str, float]:
     # 1. prompts and rollouts ------------------------------------------------------------------------------
     prompts = tr.task.next_train_prompts(cfg.trainer.prompts_per_step)
     with timer(m, "rollout"):
-        rollout = tr._generate([p.prompt_ids for p in prompts], n=n, temperature=cfg.rollout.temperature,
-                               seed=cfg.trainer.seed * 100003 + tr.step)
+        try:
+            rollout = tr._generate([p.prompt_ids for p in prompts], n=n, temperature=cfg.rollout.temperature,
+                                   seed=cfg.trainer.seed * 100003 + tr.step)
+        except TrainingStopped as e:
+            e.before_update = True  # the actor is still at the previous step's (checkpointable) state
+            raise
     if rollout.weight_version != tr.weight_version:
         raise TrainingStopped(f"rollout used weight version {rollout.weight_version}, actor is at "
                               f"{tr.weight_version}: the weight sync did not reach the engine")
@@ -178,7 +183,7 @@ def run_rl_step(tr) -> Dict[str, float]:
             loss = loss - alg.entropy_coeff * ent
         tok = mb["response_mask"].sum().clamp(min=1)
         out["actor/entropy"] = ((entropy.detach() * mb["response_mask"]).sum() / tok).item()
-        return loss, out
+        return faults.corrupt_loss(loss, log_prob, tr.step), out
 
     groups = batch["group"].unique()
     n_mini = max(1, math.ceil(len(groups) / act.ppo_mini_batch_size))
@@ -213,12 +218,13 @@ def run_rl_step(tr) -> Dict[str, float]:
         m.update(tr.diagnostics.finish_drift(step=tr.step))
     if m["actor/skipped_steps"] >= len(update_metrics.get("actor/skipped_step", [1])):
         tr.bad_steps += 1
-        if tr.bad_steps >= act.max_bad_steps:
-            tr._save_checkpoint()
-            raise TrainingStopped(f"{tr.bad_steps} consecutive steps had non-finite loss or gradients; stopped at "
-                                  f"step {tr.step} with a checkpoint of the last good weights")
+        if tr.bad_steps >= act.max_bad_steps:  # the loop logs this step, checkpoints and stops
+            tr.stop_reason = (f"{tr.bad_steps} consecutive steps had non-finite loss or gradients; stopped at "
+                              f"step {tr.step} with a checkpoint of the last good weights (actor.max_bad_steps="
+                              f"{act.max_bad_steps})")
     else:
         tr.bad_steps = 0
+    m["actor/consecutive_bad_steps"] = float(tr.bad_steps)
 
     # 7. weight sync actor -> engine --------------------------------------------------------------------------
     tr._sync_weights(m)

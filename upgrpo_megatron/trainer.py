@@ -96,6 +96,10 @@ class Trainer:
         from upgrpo_megatron.megatron.parallel import ParallelSizes, init_distributed, init_model_parallel
 
         self.cfg = cfg
+        if not torch.cuda.is_available():  # before anything touches the run directory
+            from upgrpo_megatron.config import validate_for_cpu_engine
+
+            validate_for_cpu_engine(cfg)
         rank, world = init_distributed(cfg.parallel.backend)
         self.layout = validate_layout(cfg, world)
         self.rank, self.world = rank, world
@@ -110,13 +114,7 @@ class Trainer:
         from megatron.core import parallel_state as ps
 
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-        if self.rank == 0:
-            save_resolved(cfg, self.run_dir / "config.yaml")
 
-        if not torch.cuda.is_available():
-            from upgrpo_megatron.config import validate_for_cpu_engine
-
-            validate_for_cpu_engine(cfg)
         self._build_data()
         self._build_actor()
         from upgrpo_megatron.diagnostics.step import StepDiagnostics
@@ -130,13 +128,28 @@ class Trainer:
         self.sft_done = False
         self.weight_version = 0
         self.bad_steps = 0
+        self.stop_reason: Optional[str] = None  # set by a step after which training cannot go on
         self._stop_signal: Optional[int] = None
         if self.resume_from is not None:
             self._load_checkpoint(self.resume_from)
+        elif self.rank == 0:
+            print(f"starting {self.run_dir} from scratch (no complete checkpoint to resume)", flush=True)
         from upgrpo_megatron.metrics import MetricsLogger
 
-        self.metrics = MetricsLogger(self.run_dir, tensorboard=cfg.trainer.tensorboard and self.rank == 0,
-                                     resume_step=self.step if self.rank == 0 else None) if self.rank == 0 else None
+        # the logs keep exactly what the checkpoint covers: steps <= its step, or nothing without one (a run
+        # killed before its first checkpoint starts over), so no step is ever duplicated or missing
+        keep_through = self.step if self.resume_from is not None else None
+        self.metrics = MetricsLogger(self.run_dir, tensorboard=cfg.trainer.tensorboard,
+                                     keep_through=keep_through) if self.rank == 0 else None
+        if self.rank == 0:
+            from upgrpo_megatron.diagnostics.storage import truncate_run_files
+
+            truncate_run_files(self.run_dir, keep_through)
+        self._saved_step: Optional[int] = self.step if self.resume_from is not None else None
+        if self.rank == 0:  # only now that every input checked out
+            kept = save_resolved(cfg, self.run_dir / "config.yaml", step=self.step)
+            if kept is not None:
+                print(f"the config differs from the run's previous one; that one is kept as {kept}", flush=True)
         self.engine = None
 
     # --------------------------------------------------------------------------------------- setup
@@ -152,7 +165,9 @@ class Trainer:
             if not path.exists():
                 raise RunDirError(f"trainer.resume={resume}: no such checkpoint directory")
             return path
-        ckpt = latest_complete_checkpoint(d / "checkpoints") if exists else None
+        # rank 0 decides (it may restore an interrupted re-save); the other ranks take its answer
+        ckpt = latest_complete_checkpoint(d / "checkpoints") if exists and self.rank == 0 else None
+        ckpt = broadcast_object(ckpt)
         if resume == "never" and exists:
             raise RunDirError(f"run directory {d} already exists and is not empty; set trainer.resume=auto to "
                               f"continue it or choose another trainer.run_dir")
@@ -279,6 +294,8 @@ class Trainer:
         rng = np.random.default_rng(self.cfg.trainer.seed)
         examples = self.task.sft_examples()
         for it in progress(range(s.steps), desc="SFT warm-up", enabled=self.rank == 0):
+            if self._stop_requested():
+                return
             rows = rng.choice(len(examples), size=s.batch_size, replace=len(examples) < s.batch_size)
             rows = [examples[i] for i in rows][self.dp_rank :: self.dp_size]
             eos = self.tokenizer.eos_token_id
@@ -331,12 +348,16 @@ class Trainer:
     def _save_checkpoint(self):
         from upgrpo_megatron.megatron.checkpoint import prune_checkpoints, save_checkpoint
 
+        if self._saved_step == self.step:  # nothing changed since (e.g. a signal right after a periodic save)
+            return
+
         extra = {"step": self.step, "sft_done": self.sft_done, "weight_version": self.weight_version,
                  "scheduler": self.actor.scheduler.state_dict(), "rng": rng_state(),
                  "data": self.task.state_dict()}
         path = self.run_dir / "checkpoints" / f"step_{self.step:06d}"
         save_checkpoint(path, self.actor.module, optimizer=self.actor.optimizer, extra_state=extra,
                         model_cfg=self.cfg.model, tokenizer=self.tokenizer if self.rank == 0 else None)
+        self._saved_step = self.step
         if self.rank == 0:
             prune_checkpoints(self.run_dir / "checkpoints", keep=self.cfg.trainer.keep_checkpoints)
 
@@ -357,14 +378,44 @@ class Trainer:
     def _on_signal(self, signum, frame):
         self._stop_signal = signum
 
+    def _stop_requested(self) -> bool:
+        """True on every rank once any rank got SIGTERM/SIGINT (ranks must stop at the same point)."""
+        flag = torch.tensor([0.0 if self._stop_signal is None else float(self._stop_signal)])
+        if dist.is_initialized() and self.world > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 0 and self._stop_signal is None:
+            self._stop_signal = int(flag.item())
+        return flag.item() > 0
+
+    def _stop_on_signal(self, where: str) -> bool:
+        """After a signal: save the state (when there is one to save) and say so. Returns True to stop."""
+        if not self._stop_requested():
+            return False
+        name = signal.Signals(self._stop_signal).name
+        if self.sft_done:
+            self._save_checkpoint()
+            msg = (f"stopped by {name} {where}; checkpoint "
+                   f"{self.run_dir / 'checkpoints' / f'step_{self.step:06d}'} saved, resume with trainer.resume=auto")
+        else:
+            msg = (f"stopped by {name} during the SFT warm-up; nothing to checkpoint yet "
+                   f"(a restart repeats the warm-up)")
+        if self.rank == 0:
+            print(msg, flush=True)
+        return True
+
     def fit(self):
         t = self.cfg.trainer
         prev = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         t_start = time.time()
         try:
             self.sft_warmup()
+            if self._stop_on_signal("during the SFT warm-up"):
+                return
             self._start_engine()
-            if self.step == 0:
+            if self._stop_on_signal(f"while the rollout engine started (step {self.step})"):
+                return
+            logged = broadcast_object(self.metrics.steps() if self.metrics is not None else None)
+            if self.step == 0 and 0 not in logged:
                 m = self.evaluate()
                 if self.metrics is not None:
                     self.metrics.log(0, m)
@@ -377,18 +428,25 @@ class Trainer:
             for _ in progress(range(self.step, t.total_steps), desc="RL", enabled=self.rank == 0,
                               initial=self.step, total=t.total_steps):
                 self.step += 1
-                m = self.rl_step()
+                try:
+                    m = self.rl_step()
+                except TrainingStopped as e:
+                    if getattr(e, "before_update", False):  # nothing of this step was applied yet
+                        self.step -= 1
+                        self._save_checkpoint()
+                        raise TrainingStopped(f"{e}; the last good state (step {self.step}) is in "
+                                              f"{self.run_dir / 'checkpoints'}") from e
+                    raise
                 if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.total_steps):
                     with timer(m, "eval"):
                         m.update(self.evaluate())
                 if self.metrics is not None:
                     self.metrics.log(self.step, m)
-                if self.step % t.save_every == 0 or self.step == t.total_steps:
+                if self.step % t.save_every == 0 or self.step == t.total_steps or self.stop_reason:
                     self._save_checkpoint()
-                if self._stop_signal is not None:
-                    self._save_checkpoint()
-                    if self.rank == 0:
-                        print(f"stopped by signal {self._stop_signal} at step {self.step}; checkpoint saved", flush=True)
+                if self.stop_reason:
+                    raise TrainingStopped(self.stop_reason)
+                if self._stop_on_signal(f"after step {self.step}"):
                     return
             self._finish(time.time() - t_start)
         finally:

@@ -16,10 +16,12 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
+from upgrpo_megatron.errors import UpgrpoError
+
 _DTYPE_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}
 
 
-class StreamedShardsError(ValueError):
+class StreamedShardsError(UpgrpoError, ValueError):
     """A tensor that the plan does not expect, with the wrong shape, or never delivered."""
 
 

@@ -118,3 +118,21 @@ def append_samples(run_dir, step: int, rows: List[dict]) -> None:
     with open(Path(run_dir) / "samples.jsonl", "a") as f:
         for r in rows:
             f.write(json.dumps({"step": step, **r}, default=str) + "\n")
+
+
+def truncate_run_files(run_dir, keep_through: Optional[int]) -> None:
+    """On resume from the checkpoint of step `keep_through` (None: no checkpoint, a fresh start): drop the
+    samples and per-step diagnostics of later steps, which the resumed run writes again."""
+    from upgrpo_megatron.metrics import truncate_jsonl
+
+    run_dir = Path(run_dir)
+    truncate_jsonl(run_dir / "samples.jsonl", keep_through)
+    d = run_dir / "diagnostics"
+    if d.exists():
+        for f in list(d.glob(STEP_GLOB)) + list(d.glob(".tmp_step_*.npz")):
+            try:
+                step = int(f.stem.split("_")[-1])
+            except ValueError:
+                continue
+            if keep_through is None or step > keep_through or f.name.startswith(".tmp"):
+                f.unlink(missing_ok=True)

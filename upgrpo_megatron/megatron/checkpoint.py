@@ -94,6 +94,9 @@ def save_checkpoint(path, module, *, optimizer=None, extra_state: Optional[dict]
     if optimizer is not None:
         torch.save(optimizer.state_dict(), tmp / "optim" / f"rank_{_rank()}.pt")
     _barrier()
+    from upgrpo_megatron import faults
+
+    faults.maybe_kill_in_checkpoint((extra_state or {}).get("step"))
     if _rank() == 0:
         torch.save(extra_state or {}, tmp / "extra.pt")
         for name, src in (extra_files or {}).items():
@@ -113,10 +116,16 @@ def save_checkpoint(path, module, *, optimizer=None, extra_state: Optional[dict]
         sums = {str(p.relative_to(tmp)): _sha256(p) for p in files}
         (tmp / "COMPLETE").write_text(json.dumps(sums, indent=1))
         _fsync_dir(tmp)
-        if path.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
-            shutil.rmtree(path)
+        old = None
+        if path.exists():  # re-saving a step: move the old copy aside first, so a crash never leaves neither
+            old = path.parent / f".{path.name}.old"
+            if old.exists():
+                shutil.rmtree(old)
+            os.rename(path, old)
         os.rename(tmp, path)
         _fsync_dir(path.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return path
 
@@ -154,7 +163,14 @@ def latest_complete_checkpoint(ckpt_dir, report=print) -> Optional[Path]:
         return None
     for tmp in sorted(ckpt_dir.glob(".step_*.tmp")):
         if _rank() == 0 and report:
-            report(f"ignoring partial checkpoint {tmp} (a write was interrupted)")
+            report(f"ignoring partial checkpoint {tmp} (a write was interrupted; it is removed at the next save)")
+    for old in sorted(ckpt_dir.glob(".step_*.old")):
+        final = ckpt_dir / old.name[1:-len(".old")]
+        if not final.exists() and verify_checkpoint(old) is None and _rank() == 0:
+            # a crash between the two renames of a re-save: the old copy is complete, put it back
+            os.rename(old, final)
+            if report:
+                report(f"restored checkpoint {final} from {old.name} (a re-save was interrupted)")
     for p in sorted((d for d in ckpt_dir.glob("step_*") if d.is_dir()), key=_step_of, reverse=True):
         problem = verify_checkpoint(p)
         if problem is None:
@@ -167,6 +183,8 @@ def latest_complete_checkpoint(ckpt_dir, report=print) -> Optional[Path]:
 def prune_checkpoints(ckpt_dir, keep: int) -> None:
     """Keep the newest `keep` complete checkpoints; remove older ones and interrupted writes."""
     ckpt_dir = Path(ckpt_dir)
+    for stale in list(ckpt_dir.glob(".step_*.tmp")) + list(ckpt_dir.glob(".step_*.old")):
+        shutil.rmtree(stale, ignore_errors=True)
     complete = sorted((d for d in ckpt_dir.glob("step_*") if (d / "COMPLETE").exists()), key=_step_of)
     for old in complete[: max(0, len(complete) - keep)]:
         shutil.rmtree(old, ignore_errors=True)

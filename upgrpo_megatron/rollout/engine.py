@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import re
 import time
@@ -48,6 +49,23 @@ from upgrpo_megatron.rollout.routing import native_response_routing, rows_per_se
 CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 _FUSED = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+
+
+class _DropRecords(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def _quiet_tokenizer_free_warmup() -> None:
+    """The engine runs without a tokenizer (token ids in, token ids out); vLLM still tries to warm up a chat
+    template at start-up and logs the failure with a full traceback. It is expected: drop that record."""
+    log = logging.getLogger("vllm.renderers.base")
+    if not any(isinstance(f, _DropRecords) for f in log.filters):
+        log.addFilter(_DropRecords("Chat template warmup failed"))
 
 
 def _engine_env(kv_cache_gib: float, on_gpu: bool) -> None:
@@ -142,6 +160,7 @@ class RolloutEngine:
         if self.on_gpu:
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True,
                           enable_return_routed_experts=capture_routing)
+        _quiet_tokenizer_free_warmup()
         try:
             self.llm = LLM(**kwargs)
         except Exception as e:  # vLLM's start-up errors are long; keep the first line of the cause

@@ -1,0 +1,123 @@
+"""Running the real trainer as a user would (torchrun tools/train_moe.py) and hurting it from outside.
+
+Every trainer here runs in its own session (process group), so a test can kill the trainer together with
+the vLLM engine processes it started, and always does before it returns.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, List, Optional
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPE = ROOT / "recipes" / "qwen_moe.yaml"
+# a few seconds per RL step: 4 prompts x 4 samples, one mini-batch, a checkpoint after every step
+FAST = ["sft_warmup.steps=20", "trainer.prompts_per_step=4", "rollout.n=4", "actor.ppo_mini_batch_size=4",
+        "trainer.eval_every=0", "trainer.save_every=1", "trainer.keep_checkpoints=2", "trainer.report=false",
+        "trainer.export_hf=false", "trainer.tensorboard=false", "data.num_val=8"]
+
+
+class Trainer:
+    """One `torchrun tools/train_moe.py` process tree in its own session; output goes to a log file."""
+
+    def __init__(self, run_dir: Path, *overrides: str, log: Path, faults: str = "", nproc: int = 1):
+        env = dict(os.environ, OMP_NUM_THREADS="1", UPGRPO_NO_PROGRESS="1", PYTHONUNBUFFERED="1")
+        if faults:
+            env["UPGRPO_FAULTS"] = faults
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(ROOT / "tools" / "train_moe.py"), str(RECIPE), f"trainer.run_dir={run_dir}", *FAST, *overrides]
+        self.log = Path(log)
+        self._fh = open(self.log, "w")
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self._fh, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self.started = time.time()
+
+    def output(self) -> str:
+        if not self._fh.closed:
+            self._fh.flush()
+        return self.log.read_text(errors="replace")
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            self.kill_all()
+
+    def signal(self, sig: int) -> None:
+        """Signal the trainer rank (the torchrun worker), as a scheduler's preemption notice would."""
+        import psutil
+
+        for child in psutil.Process(self.proc.pid).children(recursive=True):
+            if "train_moe.py" in " ".join(child.cmdline()):
+                os.kill(child.pid, sig)
+                return
+        raise AssertionError("no trainer rank found to signal")
+
+    def kill_all(self) -> None:
+        """SIGKILL the whole session: torchrun, its ranks and the engine processes (like a node failure)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        self._fh.close()
+
+
+def wait_until(cond: Callable[[], bool], timeout: float, proc: Optional[Trainer] = None, what: str = "") -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if cond():
+            return
+        if proc is not None and proc.proc.poll() is not None:
+            raise AssertionError(f"trainer exited ({proc.proc.returncode}) before {what}:\n{proc.output()[-4000:]}")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}"
+                         + (f":\n{proc.output()[-4000:]}" if proc else ""))
+
+
+def metric_steps(run_dir: Path) -> List[int]:
+    """Steps in metrics.jsonl in file order (a torn last line counts as no step)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line)["step"])
+        except (json.JSONDecodeError, KeyError):
+            pass
+    return out
+
+
+def metrics(run_dir: Path) -> dict:
+    return {r["step"]: r for r in map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines())}
+
+
+def complete_checkpoints(run_dir: Path) -> List[int]:
+    """Steps of the checkpoints that are complete, checked here independently of the trainer's code:
+    a COMPLETE marker listing a sha256 for every file, every one matching."""
+    out = []
+    for d in sorted((Path(run_dir) / "checkpoints").glob("step_*")):
+        marker = d / "COMPLETE"
+        if not marker.exists():
+            continue
+        sums = json.loads(marker.read_text())
+        files = {str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and p.name != "COMPLETE"}
+        if set(sums) != files:
+            continue
+        if all(hashlib.sha256((d / f).read_bytes()).hexdigest() == h for f, h in sums.items()):
+            out.append(int(d.name.split("_")[1]))
+    return out
+
+
+def partial_checkpoints(run_dir: Path) -> List[str]:
+    return sorted(p.name for p in (Path(run_dir) / "checkpoints").glob(".step_*"))

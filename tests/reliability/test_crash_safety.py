@@ -1,0 +1,127 @@
+"""Crash safety of the real trainer: SIGKILL at random points (10 in a row, some during a checkpoint write),
+SIGTERM and SIGINT. After every restart with trainer.resume=auto the run continues from the latest complete
+checkpoint, partial checkpoints are ignored and reported, and metrics.jsonl ends with every step exactly once.
+"""
+import random
+import signal
+import time
+
+import pytest
+
+from .common import Trainer, complete_checkpoints, metric_steps, metrics, partial_checkpoints, wait_until
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+
+TOTAL = 40
+# the kinds of moments a kill lands on, in an order that covers each several times; the delays are random
+KILLS = ["startup", "step", "checkpoint", "step", "startup", "checkpoint", "step", "step", "checkpoint", "step"]
+
+
+def _last_rl_step(run_dir) -> int:
+    return max([s for s in metric_steps(run_dir) if s >= 0], default=-1)
+
+
+def _state(run):
+    """What a launch must find: the newest complete checkpoint (checked here, not by the trainer's code)
+    and the partial checkpoint directories it must report."""
+    if not (run / "checkpoints").exists():
+        return None, []
+    ckpts = complete_checkpoints(run)
+    return (max(ckpts) if ckpts else None), [p for p in partial_checkpoints(run) if p.endswith(".tmp")]
+
+
+def _check_launch(run, log, expected, partials, what):
+    """A launch that got as far as reading the run directory resumed from the right place."""
+    if "resumed from" not in log and "from scratch" not in log:
+        return False  # killed before it looked
+    if expected is None:
+        assert "resumed from" not in log, (what, log[-3000:])
+    else:
+        assert f"resumed from {run}/checkpoints/step_{expected:06d} at step {expected}" in log, (what, log[-3000:])
+    for p in partials:
+        assert f"ignoring partial checkpoint {run}/checkpoints/{p}" in log, (what, p, log[-3000:])
+    return True
+
+
+def test_ten_sigkills_in_a_row_lose_nothing(tmp_path):
+    rng = random.Random(20261129)
+    run = tmp_path / "run"
+    checked, in_write = 0, 0
+    for i, kind in enumerate(KILLS):
+        expected, partials = _state(run)
+        last = _last_rl_step(run)
+        faults = f"kill_in_checkpoint@{last + 1}" if kind == "checkpoint" else ""
+        t = Trainer(run, f"trainer.total_steps={TOTAL}", log=tmp_path / f"launch_{i}.log", faults=faults)
+        try:
+            if kind == "startup":  # imports, Megatron init, SFT warm-up, engine start or the first steps
+                time.sleep(rng.uniform(1.0, 40.0))
+            elif kind == "step":  # somewhere in a step or in the checkpoint after it
+                wait_until(lambda: _last_rl_step(run) > last, 400, t, "a new RL step")
+                time.sleep(rng.uniform(0.0, 3.0))
+            else:  # the rank SIGKILLs itself between the checkpoint's files and its COMPLETE marker
+                t.proc.wait(timeout=400)
+        finally:
+            t.kill_all()
+        log = t.output()
+        checked += _check_launch(run, log, expected, partials, f"launch {i} ({kind})")
+        if kind == "checkpoint":
+            assert f".step_{last + 1:06d}.tmp" in partial_checkpoints(run), log[-3000:]
+            in_write += 1
+        assert _last_rl_step(run) < TOTAL, "the run finished before all kills landed: raise TOTAL"
+
+    expected, partials = _state(run)
+    assert partials, "a kill during a checkpoint write should have left a partial checkpoint behind"
+    final = Trainer(run, f"trainer.total_steps={TOTAL}", log=tmp_path / "final.log")
+    rc = final.wait(timeout=900)
+    log = final.output()
+    assert rc == 0, log[-4000:]
+    assert _check_launch(run, log, expected, partials, "final launch")
+    assert checked >= 5 and in_write == 3
+
+    steps = metric_steps(run)
+    rl = [s for s in steps if s >= 0]
+    sft = [s for s in steps if s < 0]
+    assert rl == list(range(0, TOTAL + 1)), rl  # no duplicated or missing step, in order
+    assert sft and len(sft) == len(set(sft)) and sft == sorted(sft)
+    m = metrics(run)
+    assert all(m[s].get("critic/score/mean") is not None for s in range(1, TOTAL + 1))
+    assert max(complete_checkpoints(run)) == TOTAL and partial_checkpoints(run) == []
+
+
+def _signal_mid_run(tmp_path, name, sig, group):
+    run = tmp_path / name
+    t = Trainer(run, "trainer.total_steps=30", log=tmp_path / f"{name}.log")
+    try:
+        wait_until(lambda: _last_rl_step(run) >= 2, 400, t, "RL step 2")
+        if group:  # Ctrl-C in a terminal: torchrun, the rank and the engine processes all get it
+            import os
+
+            os.killpg(t.proc.pid, sig)
+        else:  # a scheduler's preemption notice to the training process
+            t.signal(sig)
+        t.proc.wait(timeout=120)
+    finally:
+        t.kill_all()
+    return run, t.output()
+
+
+def test_sigterm_saves_a_checkpoint_exits_cleanly_and_resumes(tmp_path):
+    run, log = _signal_mid_run(tmp_path, "term", signal.SIGTERM, group=False)
+    assert "stopped by SIGTERM after step" in log and "Traceback" not in log, log[-3000:]
+    last = _last_rl_step(run)
+    assert max(complete_checkpoints(run)) == last  # the state of the last logged step is saved
+    t = Trainer(run, f"trainer.total_steps={last + 2}", log=tmp_path / "resume.log")
+    assert t.wait(timeout=600) == 0, t.output()[-3000:]
+    assert f"resumed from {run}/checkpoints/step_{last:06d}" in t.output()
+    assert [s for s in metric_steps(run) if s >= 0] == list(range(0, last + 3))
+
+
+def test_ctrl_c_to_the_whole_process_group_saves_the_last_good_state(tmp_path):
+    # the engine dies from the same SIGINT: the trainer stops after (or, if the engine is gone first, before)
+    # the step it is in, and the newest complete checkpoint holds the last step in metrics.jsonl
+    run, log = _signal_mid_run(tmp_path, "int", signal.SIGINT, group=True)
+    assert "stopped by SIGINT" in log or "rollout engine" in log, log[-3000:]
+    last = _last_rl_step(run)
+    assert last >= 2 and max(complete_checkpoints(run)) == last
+    steps = [s for s in metric_steps(run) if s >= 0]
+    assert steps == list(range(0, last + 1))

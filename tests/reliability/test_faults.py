@@ -1,0 +1,73 @@
+"""Numerical faults (NaN loss, +inf gradients, injected with UPGRPO_FAULTS) and the rollout engine dying."""
+import os
+import signal
+
+import psutil
+import pytest
+import torch
+
+from .common import Trainer, complete_checkpoints, metric_steps, metrics, wait_until
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+
+
+def _optimizer_steps(run, step):
+    """Optimizer updates taken up to a checkpoint: the LR scheduler counts them (skipped steps do not)."""
+    extra = torch.load(run / "checkpoints" / f"step_{step:06d}" / "extra.pt", weights_only=True)
+    return int(extra["scheduler"]["num_steps"])
+
+
+def test_bad_steps_are_skipped_counted_and_k_in_a_row_stop_the_run_with_a_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    # step 2: NaN loss, step 3: +inf gradients (finite loss), step 4 healthy, then NaN from step 5 on
+    t = Trainer(run, "trainer.total_steps=12", "actor.max_bad_steps=3", "trainer.keep_checkpoints=20",
+                log=tmp_path / "nan.log", faults="nan_loss@2,inf_grad@3,nan_loss@5-12")
+    rc = t.wait(timeout=900)
+    log = t.output()
+    assert rc != 0
+    lines = [l for l in log.splitlines() if l.startswith("error:")]
+    assert lines and "3 consecutive steps had non-finite loss or gradients; stopped at step 7" in lines[0], log[-3000:]
+    m = metrics(run)
+    assert [s for s in metric_steps(run) if s >= 0] == list(range(0, 8))  # step 7 is logged, then the run stops
+    for s, bad in [(1, 0), (2, 1), (3, 2), (4, 0), (5, 1), (6, 2), (7, 3)]:
+        assert m[s]["actor/consecutive_bad_steps"] == bad, s
+        assert (m[s]["actor/skipped_steps"] > 0) == (bad > 0), s
+        assert (m[s]["actor/grad_norm"] is None) == (bad > 0), s  # NaN is logged as null
+    # no optimizer step in the bad steps; the last checkpoint holds the last good state
+    assert _optimizer_steps(run, 2) == _optimizer_steps(run, 1) == _optimizer_steps(run, 3)
+    assert _optimizer_steps(run, 4) == _optimizer_steps(run, 3) + 1
+    assert 7 in complete_checkpoints(run)
+    assert _optimizer_steps(run, 7) == _optimizer_steps(run, 4)
+
+
+def _engine_processes(trainer):
+    """vLLM's processes under the trainer rank (EngineCore and its worker)."""
+    procs = []
+    for p in psutil.Process(trainer.proc.pid).children(recursive=True):
+        try:
+            if "train_moe.py" not in " ".join(p.cmdline()) and "resource_tracker" not in " ".join(p.cmdline()):
+                procs.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return procs
+
+
+def test_engine_death_stops_the_trainer_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    t = Trainer(run, "trainer.total_steps=40", log=tmp_path / "engine.log")
+    try:
+        wait_until(lambda: max(metric_steps(run) or [-1]) >= 2, 400, t, "RL step 2")
+        victims = _engine_processes(t)
+        assert victims, "no engine process found"
+        for p in victims:
+            os.kill(p.pid, signal.SIGKILL)
+        rc = t.proc.wait(timeout=300)
+    finally:
+        t.kill_all()
+    log = t.output()
+    assert rc != 0
+    lines = [l for l in log.splitlines() if l.startswith("error:")]
+    assert lines and "vLLM engine process died" in lines[0], log[-3000:]
+    last = max(s for s in metric_steps(run))
+    assert [s for s in metric_steps(run) if s >= 0] == list(range(0, last + 1))
+    assert max(complete_checkpoints(run)) == last  # the last logged step's state is on disk and complete
