@@ -214,6 +214,7 @@ def run_rl_step(tr) -> Dict[str, float]:
         vals = [x for x in v if x is not None and math.isfinite(x)]
         m[k] = float(np.mean(vals)) if vals else float("nan")
     m["actor/skipped_steps"] = float(sum(update_metrics.get("actor/skipped_step", [0.0])))
+    m["actor/updates"] = float(len(update_metrics.get("actor/skipped_step", [])))  # 0: dynamic sampling kept nothing
     if diag is not None:
         m.update(tr.diagnostics.finish_drift(step=tr.step))
     if m["actor/skipped_steps"] >= len(update_metrics.get("actor/skipped_step", [1])):

@@ -191,6 +191,10 @@ class MegatronActor:
         return torch.cat(parts)
 
     # ------------------------------------------------------------------ update
+    def _grads_finite(self) -> bool:
+        return all(bool(torch.isfinite(g).all()) for g in (_grad_of(p) for p in self.model.parameters())
+                   if g is not None)
+
     def train_step(self, micro_batches: Iterator[Batch], loss_fn: Callable[[Batch, torch.Tensor, torch.Tensor], tuple],
                    *, replay_key: Optional[str] = None, record_routing: bool = False,
                    on_micro_batch: Optional[Callable[[Batch, Optional[torch.Tensor]], None]] = None) -> dict:
@@ -222,8 +226,10 @@ class MegatronActor:
                 continue
             (loss * dp).backward()
         finalize_model_grads([self.model])
-        grad_norm = self.optimizer.get_grad_norm() if finite else float("nan")
-        flag = torch.tensor([0.0 if (finite and math.isfinite(grad_norm)) else 1.0])
+        # check the reduced gradients themselves: megatron's optimizer copies main_grad into .grad only inside
+        # step(), and clipping an inf norm there turns the update into NaN weights
+        finite = finite and self._grads_finite()
+        flag = torch.tensor([0.0 if finite else 1.0])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank skips together
         out = {k: sum(v) / len(v) for k, v in metrics.items()}
         if flag.item() > 0:
@@ -235,6 +241,11 @@ class MegatronActor:
         out.update({"actor/grad_norm": float(grad_norm), "actor/skipped_step": 0.0 if ok else 1.0,
                     "actor/lr": float(self.optimizer.param_groups[0]["lr"])})
         return out
+
+
+def _grad_of(p):
+    g = getattr(p, "main_grad", None)
+    return p.grad if g is None else g
 
 
 def _slices(n: int, size: int) -> Iterator[slice]:
