@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import record  # noqa: E402
 
-FULL = dict(prompts=16, n=8, mini=4, sft_steps=150, warmup=2, steps=12, trl_warmup=1, trl_cycles=6)
+FULL = dict(prompts=16, n=8, mini=4, sft_steps=150, warmup=2, steps=20, trl_warmup=1, trl_cycles=8)
 TINY = dict(prompts=4, n=4, mini=2, sft_steps=5, warmup=1, steps=2, trl_warmup=1, trl_cycles=2)
 LR, CLIP_LOW, CLIP_HIGH, SEED = 1e-3, 0.2, 0.28, 1
 TARGETS = {"diagnostics": 3.0, "weight_sync": 5.0}  # % of an RL step, from the issue
@@ -64,9 +64,26 @@ def run_ours(c, run_dir: Path):
     t0 = time.perf_counter()
     tr._start_engine()
     engine_start_s = time.perf_counter() - t0
+    # the routing-drift part of the diagnostics runs inside the update (a callback per micro-batch, then one
+    # reduction): time it where it runs, so its share comes from the same step as the step's wall time
+    drift_s = [0.0]
+
+    def timed(fn):
+        def call(*args, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kw)
+            finally:
+                drift_s[0] += time.perf_counter() - t0
+        return call
+
+    d = tr.diagnostics
+    collector, d.finish_drift = d.drift_collector, timed(d.finish_drift)
+    d.drift_collector = lambda epoch: timed(collector(epoch))
     steps = []
     try:
         for i in range(c["warmup"] + c["steps"]):
+            drift_s[0] = 0.0
             diag_on = i % 2 == 0  # alternate: the paired comparison sees the same drift of response lengths
             tr.cfg.diagnostics.enabled = diag_on
             tr.step += 1
@@ -74,7 +91,7 @@ def run_ours(c, run_dir: Path):
             m = tr.rl_step()
             wall = time.perf_counter() - t0
             if i >= c["warmup"]:
-                steps.append({"wall": wall, "diag": diag_on, **{k: v for k, v in m.items() if k.startswith("timing_s/")},
+                steps.append({"wall": wall, "diag": diag_on, "drift_s": drift_s[0], **{k: v for k, v in m.items() if k.startswith("timing_s/")},
                               "response_length/mean": m.get("response_length/mean"),
                               "critic/score/mean": m.get("critic/score/mean")})
             print(f"[rl_step] ours step {i}: {wall:.2f}s diagnostics={'on' if diag_on else 'off'} "
@@ -117,7 +134,8 @@ def run_trl(c, hf_dir: Path, out: Path) -> None:
         top_p=1.0, top_k=0, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
         max_grad_norm=1.0, beta=0.0, num_iterations=1, epsilon=CLIP_LOW, epsilon_high=CLIP_HIGH,
         loss_type="dapo", scale_rewards="group", max_steps=cycles * spg, save_strategy="no",
-        report_to="none", logging_steps=10**6, dataloader_num_workers=0, disable_dropout=True, shuffle_dataset=False,
+        report_to="none", logging_steps=cycles * spg, dataloader_num_workers=0, disable_dropout=True,
+        shuffle_dataset=False,  # logging_steps: one log at the end, the averages over all steps
     )
     marks = []
 
@@ -133,7 +151,11 @@ def run_trl(c, hf_dir: Path, out: Path) -> None:
                           train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[Marks()])
     trainer.train()
     cycle_s = [b - a for a, b in zip(marks, marks[1:])]
+    lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
+    rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
     out.write_text(json.dumps({"cycle_s": cycle_s, "threads": torch.get_num_threads(),
+                               "completion_length_mean": statistics.mean(lengths) if lengths else None,
+                               "reward_mean": statistics.mean(rewards) if rewards else None,
                                "trl": __import__("trl").__version__}))
 
 
@@ -184,22 +206,27 @@ def main(argv=None) -> int:
             "ours_timing_s_median": {k: statistics.median(s[k] for s in on if k in s)
                                      for k in sorted({k for s in on for k in s if k.startswith("timing_s/")})},
             "ours_response_length_mean": statistics.mean(s["response_length/mean"] for s in steps),
+            "theirs_completion_length_mean": theirs.get("completion_length_mean"),
+            "ours_score_mean": statistics.mean(s["critic/score/mean"] for s in steps),
+            "theirs_reward_mean": theirs.get("reward_mean"),
             "note": "ours: Trainer.rl_step() with vLLM rollout, diagnostics and weight sync; theirs: one "
                     "GRPOTrainer generation cycle (transformers generate + 4 optimizer steps)"},
            path=a.results)
 
-    # diagnostics share: the timed rollout_vs_train call + the routing-drift collection inside the update
-    # (update time with diagnostics on minus off); the whole-step A/B difference is kept as a cross-check
+    # diagnostics share, per step with diagnostics on: the timed rollout_vs_train call + the routing-drift
+    # callbacks and reduction inside the update, over that step's wall time. The whole-step A/B difference
+    # (steps with diagnostics off) is kept as a cross-check; on a loaded machine it is dominated by noise.
     med = lambda rows, k: statistics.median(r.get(k, 0.0) for r in rows)  # noqa: E731
-    step_on = med(on, "wall")
-    direct = med(on, "timing_s/diagnostics")
-    drift = max(0.0, med(on, "timing_s/update") - med(off, "timing_s/update"))
-    diag_pct = 100 * (direct + drift) / step_on
-    ab_pct = 100 * (step_on - med(off, "wall")) / med(off, "wall")
+    shares = [100 * (s.get("timing_s/diagnostics", 0.0) + s["drift_s"]) / s["wall"] for s in on]
+    diag_pct = statistics.median(shares)
+    ab_pct = 100 * (med(on, "wall") - med(off, "wall")) / med(off, "wall")
+    update_ab_pct = 100 * (med(on, "timing_s/update") - med(off, "timing_s/update")) / med(off, "timing_s/update")
     record("rl_diagnostics_share" + sfx, diag_pct, TARGETS["diagnostics"], TARGETS["diagnostics"] / max(diag_pct, 1e-9),
            "% of step", {**config, "theirs": "target"},
-           {"diagnostics_call_s": direct, "drift_collection_s": drift, "step_on_s": summary([s["wall"] for s in on]),
-            "step_off_s": summary([s["wall"] for s in off]), "whole_step_ab_pct": ab_pct}, path=a.results)
+           {"pct": summary(shares), "diagnostics_call_s": summary([s.get("timing_s/diagnostics", 0.0) for s in on]),
+            "drift_s": summary([s["drift_s"] for s in on]), "step_on_s": summary([s["wall"] for s in on]),
+            "step_off_s": summary([s["wall"] for s in off]), "whole_step_ab_pct": ab_pct,
+            "update_ab_pct": update_ab_pct}, path=a.results)
     sync = [100 * s["timing_s/weight_sync"] / s["wall"] for s in steps]
     sync_pct = statistics.median(sync)
     record("rl_weight_sync_share" + sfx, sync_pct, TARGETS["weight_sync"], TARGETS["weight_sync"] / max(sync_pct, 1e-9),
