@@ -149,6 +149,18 @@ def verify_checkpoint(path) -> Optional[str]:
     return None
 
 
+def safe_torch_load(path) -> object:
+    """The only `torch.load` in the project: tensors, numbers, strings and containers of them, never code
+    (`weights_only=True`). A file holding anything else is refused with a CheckpointError naming it."""
+    import pickle
+
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path}: not a plain-tensor torch file, refusing to unpickle it ({first[:160]})") from None
+
+
 def _step_of(p: Path) -> int:
     try:
         return int(p.name.split("_")[-1])
@@ -220,7 +232,7 @@ def load_checkpoint(path, module, *, optimizer=None, model_cfg=None) -> dict:
         dist.get_world_size() if dist.is_initialized() else 1, ps.get_tensor_model_parallel_world_size(),
         ps.get_expert_model_parallel_world_size())
     if optimizer is not None and optim_file.exists() and same_layout:
-        optimizer.load_state_dict(torch.load(optim_file, weights_only=True))
+        optimizer.load_state_dict(safe_torch_load(optim_file))
     elif optimizer is not None and _rank() == 0:
         print(f"note: optimizer state of {path} not restored (saved at another layout); starting Adam moments fresh")
-    return torch.load(path / "extra.pt", weights_only=True)
+    return safe_torch_load(path / "extra.pt")
