@@ -90,6 +90,28 @@ def dry_run(cfg, world_size: Optional[int]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- trainer
+def lock_run_dir(d: Path):
+    """Hold an exclusive lock on RUN_DIR/.lock for the life of this process, so that two trainers never
+    write one run (a second start, a forgotten job). The kernel drops the lock when the process dies, even
+    by SIGKILL, so a crashed run never leaves a stale lock behind."""
+    import fcntl
+
+    f = open(d / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise RunDirError(f"trainer.run_dir={d} is in use by {holder}; stop that run first or choose another "
+                          f"trainer.run_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+    f.flush()
+    return f
+
+
 class Trainer:
     def __init__(self, cfg):
         from upgrpo_megatron.config import save_resolved, validate_layout
@@ -179,6 +201,7 @@ class Trainer:
                 probe.unlink()
             except OSError as e:
                 raise RunDirError(f"trainer.run_dir={d} is not writable: {e.strerror}") from None
+            self._lock = lock_run_dir(d)
         if dist.is_initialized():
             dist.barrier()
         return ckpt

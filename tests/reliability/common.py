@@ -60,11 +60,24 @@ class Trainer:
         raise AssertionError("no trainer rank found to signal")
 
     def kill_all(self) -> None:
-        """SIGKILL the whole session: torchrun, its ranks and the engine processes (like a node failure)."""
+        """SIGKILL the whole tree: torchrun, its ranks and the engine processes (like a node failure).
+        torchrun starts each rank in a session of its own, so killing torchrun's process group is not enough."""
+        import psutil
+
+        try:
+            tree = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            tree = []
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        for p in tree:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(tree, timeout=30)
         try:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:

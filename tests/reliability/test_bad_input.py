@@ -27,7 +27,9 @@ def cli(*args, tool="train_moe.py"):
 
 
 def snapshot(d: Path) -> dict:
-    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()}
+    """Every file's bytes (the run-dir lock a trainer takes while it checks its input is not data)."""
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +121,21 @@ def test_bad_input_is_one_clear_line_exit_2_and_nothing_is_overwritten(ws, case,
 def test_debug_shows_the_traceback(ws):
     proc = cli(RECIPE, "model.head_dim=32", f"trainer.run_dir={ws / 'precious_run'}", "--debug")
     assert proc.returncode == 2 and "Traceback" in proc.stderr and "model.head_dim=32" in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_run_directory_in_use_by_another_trainer_is_refused(ws):
+    import fcntl
+
+    run = ws / "busy_run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 0}\n')
+    with open(run / ".lock", "a+") as held:  # what a live trainer holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 4242 on node7\n")
+        held.flush()
+        proc = cli(RECIPE, f"trainer.run_dir={run}")
+    err = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert proc.returncode == 2 and len(err) == 1, proc.stderr[-3000:]
+    assert "is in use by pid 4242 on node7" in err[0]
+    assert (run / "metrics.jsonl").read_text() == '{"step": 0}\n'

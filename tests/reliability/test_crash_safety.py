@@ -93,10 +93,10 @@ def _signal_mid_run(tmp_path, name, sig, group):
     t = Trainer(run, "trainer.total_steps=30", log=tmp_path / f"{name}.log")
     try:
         wait_until(lambda: _last_rl_step(run) >= 2, 400, t, "RL step 2")
-        if group:  # Ctrl-C in a terminal: torchrun, the rank and the engine processes all get it
-            import os
+        if group:  # Ctrl-C in the terminal reaches torchrun (each rank has a session of its own); it passes
+            import os  # the signal on to the ranks and waits for them
 
-            os.killpg(t.proc.pid, sig)
+            os.kill(t.proc.pid, sig)
         else:  # a scheduler's preemption notice to the training process
             t.signal(sig)
         t.proc.wait(timeout=120)
@@ -116,11 +116,10 @@ def test_sigterm_saves_a_checkpoint_exits_cleanly_and_resumes(tmp_path):
     assert [s for s in metric_steps(run) if s >= 0] == list(range(0, last + 3))
 
 
-def test_ctrl_c_to_the_whole_process_group_saves_the_last_good_state(tmp_path):
-    # the engine dies from the same SIGINT: the trainer stops after (or, if the engine is gone first, before)
-    # the step it is in, and the newest complete checkpoint holds the last step in metrics.jsonl
+def test_ctrl_c_on_torchrun_saves_the_last_good_state(tmp_path):
+    # the trainer stops after the step it is in; the newest complete checkpoint holds the last logged step
     run, log = _signal_mid_run(tmp_path, "int", signal.SIGINT, group=True)
-    assert "stopped by SIGINT" in log or "rollout engine" in log, log[-3000:]
+    assert "stopped by SIG" in log and "checkpoint" in log, log[-3000:]
     last = _last_rl_step(run)
     assert last >= 2 and max(complete_checkpoints(run)) == last
     steps = [s for s in metric_steps(run) if s >= 0]
