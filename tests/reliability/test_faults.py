@@ -74,3 +74,17 @@ def test_engine_death_stops_the_trainer_with_a_message_and_keeps_the_last_good_c
     last = max(s for s in metric_steps(run))
     assert [s for s in metric_steps(run) if s >= 0] == list(range(0, last + 1))
     assert max(complete_checkpoints(run)) == last  # the last logged step's state is on disk and complete
+
+
+def test_engine_processes_do_not_outlive_a_sigkilled_trainer(tmp_path):
+    run = tmp_path / "run"
+    t = Trainer(run, "trainer.total_steps=40", log=tmp_path / "orphans.log")
+    try:
+        wait_until(lambda: max(metric_steps(run) or [-1]) >= 1, 400, t, "RL step 1")
+        engine = _engine_processes(t)
+        assert engine, "no engine process found"
+        t.signal(signal.SIGKILL)  # the rank only: no cleanup code of ours runs
+        gone, alive = psutil.wait_procs(engine, timeout=30)
+        assert not alive, f"orphaned engine processes: {[p.pid for p in alive]}"
+    finally:
+        t.kill_all()

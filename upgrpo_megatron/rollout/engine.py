@@ -72,6 +72,7 @@ def _engine_env(kv_cache_gib: float, on_gpu: bool) -> None:
     """Environment the engine processes inherit (they are spawned by vLLM)."""
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # our worker_ext functions travel by reference
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ["UPGRPO_ENGINE_OWNER_PID"] = str(os.getpid())  # engine processes die with us (vllm_plugin.py)
     if not on_gpu:
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(round(kv_cache_gib))))
         os.environ["UPGRPO_VLLM_SYNCABLE_CPU_LINEAR"] = "1"  # keep CPU linear weights syncable (vllm_plugin.py)

@@ -12,8 +12,10 @@ patch only applies on the CPU platform).
 from __future__ import annotations
 
 import os
+import sys
 
 ENV = "UPGRPO_VLLM_SYNCABLE_CPU_LINEAR"
+OWNER_ENV = "UPGRPO_ENGINE_OWNER_PID"
 
 
 def _plain_cpu_linear(layer, remove_weight: bool) -> None:
@@ -22,7 +24,29 @@ def _plain_cpu_linear(layer, remove_weight: bool) -> None:
     layer.cpu_linear = lambda x, weight, bias: torch.nn.functional.linear(x, weight, bias)
 
 
+def _die_with_parent() -> None:
+    """In the engine's own processes (EngineCore, workers): get SIGKILL when the parent process dies.
+
+    A trainer killed by SIGKILL (OOM killer, node agent) runs no cleanup, and vLLM's processes would live on
+    as orphans holding CPU or GPU memory. `RolloutEngine` sets UPGRPO_ENGINE_OWNER_PID to the trainer's pid;
+    every other process that loads this plugin asks the kernel to kill it with its parent (Linux prctl)."""
+    owner = os.environ.get(OWNER_ENV)
+    if not owner or str(os.getpid()) == owner or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except OSError:
+        return
+    if os.getppid() == 1:  # the parent was already gone before the request took effect
+        os._exit(1)
+
+
 def register() -> None:
+    _die_with_parent()
     if os.environ.get(ENV) != "1":
         return
     import vllm.model_executor.layers.linear as linear
