@@ -9,7 +9,7 @@ RECIPE ?= recipes/qwen_moe.yaml
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup train test bench report clean-venv
+.PHONY: setup train test bench report compare clean-venv
 
 setup: $(STAMP)
 
@@ -32,6 +32,15 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py
+
+# The README's UP-GRPO vs DAPO table: 3 seeds of each recipe (resumable: finished runs are kept), then the figure.
+SEEDS ?= 1 2 3
+compare: $(STAMP)
+	for s in $(SEEDS); do \
+	  $(VENV)/bin/torchrun --standalone --nproc_per_node=1 tools/train_moe.py recipes/qwen_moe.yaml trainer.seed=$$s trainer.run_dir=runs/up_grpo_s$$s && \
+	  $(VENV)/bin/torchrun --standalone --nproc_per_node=1 tools/train_moe.py recipes/qwen_moe_dapo.yaml trainer.seed=$$s trainer.run_dir=runs/dapo_s$$s || exit 1; \
+	done
+	$(PY) tools/compare_runs.py $(foreach s,$(SEEDS),runs/up_grpo_s$(s) runs/dapo_s$(s)) --out runs/compare
 
 report: $(STAMP)
 	$(PY) tools/routing_report.py runs/qwen_moe
