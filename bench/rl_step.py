@@ -45,7 +45,7 @@ def summary(xs):
 
 
 # ----------------------------------------------------------------------------------------------- ours
-def run_ours(c, run_dir: Path):
+def run_ours(c, run_dir: Path, profile=None):
     """Our Trainer on the tiny recipe; returns per-step wall times and timing_s/* metrics, and the HF dir the
     engine started from (the same weights TRL starts from)."""
     os.environ.setdefault("UPGRPO_NO_PROGRESS", "1")
@@ -57,7 +57,7 @@ def run_ours(c, run_dir: Path):
         f"trainer.prompts_per_step={c['prompts']}", f"rollout.n={c['n']}", f"actor.ppo_mini_batch_size={c['mini']}",
         "algorithm.dynamic_sampling=false", "trainer.eval_every=0", "trainer.save_every=1000000",
         "trainer.tensorboard=false", "trainer.report=false", "trainer.export_hf=false",
-        f"trainer.total_steps={c['warmup'] + c['steps']}", f"actor.lr={LR}", f"trainer.seed={SEED}",
+        f"trainer.total_steps={c['warmup'] + c['steps'] + 1}", f"actor.lr={LR}", f"trainer.seed={SEED}",
     ])
     tr = Trainer(cfg)
     tr.sft_warmup()
@@ -96,6 +96,17 @@ def run_ours(c, run_dir: Path):
                               "critic/score/mean": m.get("critic/score/mean")})
             print(f"[rl_step] ours step {i}: {wall:.2f}s diagnostics={'on' if diag_on else 'off'} "
                   f"score={m.get('critic/score/mean', float('nan')):.3f}", flush=True)
+        if profile:  # one more step under torch.profiler (the trainer's process; the engine runs in its own)
+            import torch
+            from torch.profiler import ProfilerActivity, profile as torch_profile
+
+            tr.cfg.diagnostics.enabled = True
+            tr.step += 1
+            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                tr.rl_step()
+            Path(profile).parent.mkdir(parents=True, exist_ok=True)
+            Path(profile).write_text(prof.key_averages().table(sort_by="cpu_time_total", row_limit=30))
+            print(f"[rl_step] profile of one step written to {profile}", flush=True)
     finally:
         tr.engine.shutdown()
     tr.cfg.diagnostics.enabled = True
@@ -173,6 +184,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--results", default=None, help="results.json to merge into (default bench/results.json)")
+    ap.add_argument("--profile", default=None, help="also write a torch.profiler table of one of our steps here")
     ap.add_argument("--trl-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -188,7 +200,7 @@ def main(argv=None) -> int:
     import torch
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_rl_step_"))
-    steps, hf_dir, engine_start_s = run_ours(c, tmp / "run")
+    steps, hf_dir, engine_start_s = run_ours(c, tmp / "run", a.profile)
     theirs = trl_in_child(c, hf_dir, tmp, a.tiny)
 
     cyc = theirs["cycle_s"][c["trl_warmup"]:]
@@ -203,6 +215,8 @@ def main(argv=None) -> int:
     record("rl_step_vs_trl" + sfx, ours_s["median"], theirs_s["median"], theirs_s["median"] / ours_s["median"],
            "s/step", config,
            {"ours_s": ours_s, "theirs_s": theirs_s, "engine_start_s": engine_start_s,
+            "ours_step_s_all": [s["wall"] for s in on], "theirs_cycle_s_all": cyc,
+            "min_ratio": theirs_s["min"] / ours_s["min"],
             "ours_timing_s_median": {k: statistics.median(s[k] for s in on if k in s)
                                      for k in sorted({k for s in on for k in s if k.startswith("timing_s/")})},
             "ours_response_length_mean": statistics.mean(s["response_length/mean"] for s in steps),
