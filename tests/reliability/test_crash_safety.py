@@ -40,13 +40,13 @@ def _check_launch(run, log, expected, partials, what):
         assert f"resumed from {run}/checkpoints/step_{expected:06d} at step {expected}" in log, (what, log[-3000:])
     for p in partials:
         assert f"ignoring partial checkpoint {run}/checkpoints/{p}" in log, (what, p, log[-3000:])
-    return True
+    return 1 + len(partials)  # truthy: checked; partials reported
 
 
 def test_ten_sigkills_in_a_row_lose_nothing(tmp_path):
     rng = random.Random(20261129)
     run = tmp_path / "run"
-    checked, in_write = 0, 0
+    checked, in_write, reported = 0, 0, 0
     for i, kind in enumerate(KILLS):
         expected, partials = _state(run)
         last = _last_rl_step(run)
@@ -63,20 +63,22 @@ def test_ten_sigkills_in_a_row_lose_nothing(tmp_path):
         finally:
             t.kill_all()
         log = t.output()
-        checked += _check_launch(run, log, expected, partials, f"launch {i} ({kind})")
+        seen = _check_launch(run, log, expected, partials, f"launch {i} ({kind})")
+        checked += bool(seen)
+        reported += max(0, seen - 1)
         if kind == "checkpoint":
             assert f".step_{last + 1:06d}.tmp" in partial_checkpoints(run), log[-3000:]
             in_write += 1
         assert _last_rl_step(run) < TOTAL, "the run finished before all kills landed: raise TOTAL"
 
-    expected, partials = _state(run)
-    assert partials, "a kill during a checkpoint write should have left a partial checkpoint behind"
+    expected, partials = _state(run)  # a later save may already have pruned the last partial
     final = Trainer(run, f"trainer.total_steps={TOTAL}", log=tmp_path / "final.log")
     rc = final.wait(timeout=900)
     log = final.output()
     assert rc == 0, log[-4000:]
-    assert _check_launch(run, log, expected, partials, "final launch")
+    reported += _check_launch(run, log, expected, partials, "final launch") - 1
     assert checked >= 5 and in_write == 3
+    assert reported >= 2  # restarts after the kills inside a write named the partial checkpoint they skipped
 
     steps = metric_steps(run)
     rl = [s for s in steps if s >= 0]
