@@ -12,7 +12,7 @@ from .common import Trainer, complete_checkpoints, metric_steps, metrics, partia
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
-TOTAL = 40
+TOTAL = 60
 # the kinds of moments a kill lands on, in an order that covers each several times; the delays are random
 KILLS = ["startup", "step", "checkpoint", "step", "startup", "checkpoint", "step", "step", "checkpoint", "step"]
 
@@ -54,7 +54,7 @@ def test_ten_sigkills_in_a_row_lose_nothing(tmp_path):
         t = Trainer(run, f"trainer.total_steps={TOTAL}", log=tmp_path / f"launch_{i}.log", faults=faults)
         try:
             if kind == "startup":  # imports, Megatron init, SFT warm-up, engine start or the first steps
-                time.sleep(rng.uniform(1.0, 40.0))
+                time.sleep(rng.uniform(1.0, 30.0))
             elif kind == "step":  # somewhere in a step or in the checkpoint after it
                 wait_until(lambda: _last_rl_step(run) > last, 400, t, "a new RL step")
                 time.sleep(rng.uniform(0.0, 3.0))
