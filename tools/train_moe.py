@@ -34,7 +34,7 @@ def main(argv=None) -> int:
 
         cfg = load_recipe(a.recipe, a.overrides)
         if a.dry_run:
-            from upgrpo_megatron.trainer import dry_run
+            from upgrpo_megatron.sizing import dry_run
 
             world = a.world_size or int(os.environ.get("WORLD_SIZE", 0)) or None
             print(dry_run(cfg, world))

@@ -19,7 +19,14 @@ class RunDirError(UpgrpoError, ValueError):
 
 
 class TrainingStopped(UpgrpoError):
-    """Training cannot continue (too many non-finite steps, rollout engine died); state was saved."""
+    """Training cannot continue (too many non-finite steps, rollout engine died); state was saved.
+
+    `before_update=True`: raised before the step changed any weight, so the previous step's state is the one
+    to checkpoint."""
+
+    def __init__(self, message: str, *, before_update: bool = False):
+        super().__init__(message)
+        self.before_update = before_update
 
 
 def user_error_types() -> tuple:

@@ -1,7 +1,7 @@
 """Step metrics: `metrics.jsonl` (one JSON object per step, the source of truth) and TensorBoard.
 
-On resume from step k the log is first cut back to the steps <= k that the checkpoint covers, so an
-interrupted and resumed run has no duplicated or missing steps.
+The logger appends; on resume from step k the run directory first cuts the log back to the steps <= k that
+the checkpoint covers (`RunDir.cut_logs`), so an interrupted and resumed run has no duplicated or missing steps.
 """
 
 from __future__ import annotations
@@ -22,12 +22,9 @@ def _clean(v: Any) -> Any:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, *, tensorboard: bool = True, keep_through: Optional[int] = None):
-        """keep_through: the step of the checkpoint being resumed, None for a fresh start; the log is cut back
-        to the records that the checkpoint covers (all of them go when there is none)."""
+    def __init__(self, run_dir: Path, *, tensorboard: bool = True):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.truncate_after(keep_through)
         self.tb = None
         if tensorboard:
             try:
@@ -36,10 +33,6 @@ class MetricsLogger:
                 self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
             except Exception:  # tensorboard is optional; metrics.jsonl is always written
                 self.tb = None
-
-    def truncate_after(self, step: Optional[int]) -> int:
-        """Keep only records with record['step'] <= step (None: none). Returns how many were dropped."""
-        return truncate_jsonl(self.path, step)
 
     def steps(self) -> set:
         """The steps logged so far."""

@@ -22,7 +22,7 @@ def main():
     from upgrpo_megatron.megatron.parallel import ParallelSizes, init_model_parallel
     from upgrpo_megatron.megatron.sharding import iter_full_params
     from upgrpo_megatron.rollout import RolloutEngine
-    from upgrpo_megatron.trainer import pad_right
+    from upgrpo_megatron.rollout.batch import pad_right
 
     torch.manual_seed(0)
     hf_cfg = Qwen3MoeConfig(vocab_size=32, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,

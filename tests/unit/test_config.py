@@ -6,15 +6,13 @@ import pytest
 from upgrpo_megatron.config import (
     ConfigError,
     RecipeConfig,
-    count_parameters,
-    estimate_memory,
-    format_layout_and_memory,
     load_recipe,
     save_resolved,
     to_dict,
     validate_for_cpu_engine,
     validate_layout,
 )
+from upgrpo_megatron.sizing import count_parameters, estimate_memory, format_layout_and_memory
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "qwen_moe.yaml"
@@ -291,6 +289,44 @@ def test_every_shipped_recipe_is_valid(recipe):
 
 
 def test_defaults_alone_form_a_valid_recipe(tmp_path):
+    minimal = tmp_path / "minimal.yaml"
+    minimal.write_text("trainer:\n  seed: 1\n")
+    assert load_recipe(minimal) == RecipeConfig()
+
+
+def test_an_empty_recipe_is_refused(tmp_path):
     empty = tmp_path / "empty.yaml"
-    empty.write_text("")
-    assert load_recipe(empty) == RecipeConfig()
+    empty.write_text("# nothing but a comment\n")
+    with pytest.raises(ConfigError, match="empty.yaml: the recipe is empty"):
+        load_recipe(empty)
+
+
+def test_a_section_written_twice_is_refused_naming_both_lines(tmp_path):
+    r = tmp_path / "twice.yaml"
+    r.write_text("actor:\n  lr: 1.0e-4\nrollout:\n  n: 4\nactor:\n  ppo_epochs: 2\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml line 5: 'actor' appears twice \(first on line 1\)"):
+        load_recipe(r)
+
+
+def test_a_recipe_that_is_not_utf8_is_refused_naming_the_line(tmp_path):
+    r = tmp_path / "latin1.yaml"
+    r.write_bytes("trainer:\n  run_dir: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml line 2: not UTF-8"):
+        load_recipe(r)
+
+
+@pytest.mark.parametrize("override", ["actor.lr=inf", "rollout.temperature=.inf", "actor.lr=nan",
+                                      "algorithm.clip_ratio_high=.nan"])
+def test_non_finite_numbers_are_refused(override):
+    with pytest.raises(ConfigError, match="must be a finite number"):
+        load_recipe(RECIPE, [override])
+
+
+def test_allowed_names_come_from_the_registries():
+    from upgrpo_megatron.config import choices
+    from upgrpo_megatron.losses import KL_ESTIMATORS, POLICY_LOSSES
+
+    c = choices()
+    assert c["algorithm.loss_mode"] == tuple(POLICY_LOSSES) and c["algorithm.kl_loss_type"] == tuple(KL_ESTIMATORS)
+    with pytest.raises(ConfigError, match="choose one of .*up_grpo"):
+        load_recipe(RECIPE, ["algorithm.loss_mode=not_a_loss"])

@@ -2,6 +2,7 @@
 import json
 
 from upgrpo_megatron.metrics import MetricsLogger, read_metrics
+from upgrpo_megatron.run_dir import RunDir
 
 
 def test_resume_truncates_steps_after_checkpoint_and_drops_torn_line(tmp_path):
@@ -11,7 +12,8 @@ def test_resume_truncates_steps_after_checkpoint_and_drops_torn_line(tmp_path):
     log.close()
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 6, "actor/pg')  # a write cut by SIGKILL
-    resumed = MetricsLogger(tmp_path, tensorboard=False, keep_through=3)
+    RunDir(tmp_path).cut_logs(keep_through=3)
+    resumed = MetricsLogger(tmp_path, tensorboard=False)
     resumed.log(4, {"actor/pg_loss": 40.0})
     steps = [r["step"] for r in read_metrics(tmp_path)]
     assert steps == [1, 2, 3, 4]
@@ -26,19 +28,20 @@ def test_a_fresh_start_over_a_run_killed_before_its_first_checkpoint_keeps_nothi
     log = MetricsLogger(tmp_path, tensorboard=False)
     for s in (-10, 0):
         log.log(s, {"sft/loss": 1.0})
-    assert MetricsLogger(tmp_path, tensorboard=False, keep_through=None).steps() == set()
+    RunDir(tmp_path).cut_logs(keep_through=None)
+    assert MetricsLogger(tmp_path, tensorboard=False).steps() == set()
     assert read_metrics(tmp_path) == []
 
 
 def test_resume_drops_later_samples_and_diagnostics(tmp_path):
     import numpy as np
 
-    from upgrpo_megatron.diagnostics.storage import DiagnosticsWriter, append_samples, truncate_run_files
+    from upgrpo_megatron.diagnostics.storage import DiagnosticsWriter, append_samples
 
     w = DiagnosticsWriter(tmp_path)
     for s in (1, 2, 3):
         w.write(s, {"x": np.ones(2)})
         append_samples(tmp_path, s, [{"prompt": "1+1=", "response": "2"}])
-    truncate_run_files(tmp_path, 2)
+    RunDir(tmp_path).cut_logs(keep_through=2)
     assert sorted(p.name for p in (tmp_path / "diagnostics").glob("*.npz")) == ["step_000001.npz", "step_000002.npz"]
     assert [json.loads(l)["step"] for l in (tmp_path / "samples.jsonl").read_text().splitlines()] == [1, 2]

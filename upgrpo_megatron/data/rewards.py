@@ -25,7 +25,7 @@ DEFAULT_REWARD = {"arithmetic": "arithmetic_exact", "math": "math_verify"}
 
 
 def register_reward(name: str, fn: RewardFn) -> None:
-    """Add a reward under a new name (for experiments); `data.reward` must still list it in config.CHOICES."""
+    """Add a reward under a new name (for experiments): `data.reward=<name>` then selects it."""
     if name in REWARDS:
         raise ValueError(f"reward '{name}' is already registered")
     REWARDS[name] = fn

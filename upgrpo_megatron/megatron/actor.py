@@ -21,21 +21,18 @@ from typing import Callable, Dict, Iterator, List, Optional
 import torch
 import torch.distributed as dist
 
-from upgrpo_megatron.megatron import compat
-
-compat.apply_cpu_patches()
-
-from megatron.core import parallel_state as ps  # noqa: E402
-from megatron.core.distributed import (  # noqa: E402
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import (
     DistributedDataParallel,
     DistributedDataParallelConfig,
     finalize_model_grads,
 )
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # noqa: E402
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler  # noqa: E402
-from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction  # noqa: E402
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
 
-from upgrpo_megatron.megatron.model import build_gpt_model, model_shape  # noqa: E402
+from upgrpo_megatron.megatron.model import build_gpt_model
+from upgrpo_megatron.megatron.sharding import grad_of
 
 Batch = Dict[str, torch.Tensor]
 
@@ -52,10 +49,6 @@ class OptimSettings:
     total_steps: int = 1
 
 
-def _get(cfg, key, default=None):
-    return cfg.get(key, default) if isinstance(cfg, dict) else getattr(cfg, key, default)
-
-
 class MegatronActor:
     """Owns the (DDP-wrapped) GPTModel, megatron's optimizer and LR schedule on this rank."""
 
@@ -64,7 +57,6 @@ class MegatronActor:
         # Router replay instances are global in megatron: start from a clean list for this model.
         RouterReplay.clear_global_router_replay_instances()
         self.model_cfg = model_cfg
-        self.shape = model_shape(model_cfg)
         self.tp = tp
         self.sequence_parallel = sequence_parallel
         self.module = build_gpt_model(model_cfg, tp=tp, ep=ep, etp=etp, sequence_parallel=sequence_parallel,
@@ -192,7 +184,7 @@ class MegatronActor:
 
     # ------------------------------------------------------------------ update
     def _grads_finite(self) -> bool:
-        return all(bool(torch.isfinite(g).all()) for g in (_grad_of(p) for p in self.model.parameters())
+        return all(bool(torch.isfinite(g).all()) for g in (grad_of(p) for p in self.model.parameters())
                    if g is not None)
 
     def train_step(self, micro_batches: Iterator[Batch], loss_fn: Callable[[Batch, torch.Tensor, torch.Tensor], tuple],
@@ -241,11 +233,6 @@ class MegatronActor:
         out.update({"actor/grad_norm": float(grad_norm), "actor/skipped_step": 0.0 if ok else 1.0,
                     "actor/lr": float(self.optimizer.param_groups[0]["lr"])})
         return out
-
-
-def _grad_of(p):
-    g = getattr(p, "main_grad", None)
-    return p.grad if g is None else g
 
 
 def _slices(n: int, size: int) -> Iterator[slice]:

@@ -27,12 +27,8 @@ import torch.distributed as dist
 import yaml
 
 from upgrpo_megatron.errors import UpgrpoError
-from upgrpo_megatron.megatron import compat
-
-compat.apply_cpu_patches()
-
-from megatron.core import dist_checkpointing  # noqa: E402
-from megatron.core import parallel_state as ps  # noqa: E402
+from megatron.core import dist_checkpointing
+from megatron.core import parallel_state as ps
 
 FORMAT_VERSION = 1
 

@@ -14,12 +14,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from upgrpo_megatron.distributed import DataParallel
 from upgrpo_megatron.megatron import compat
 
-compat.apply_cpu_patches()
-
-from megatron.core import parallel_state  # noqa: E402
-from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed  # noqa: E402
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 
 @dataclass(frozen=True)
@@ -71,6 +70,12 @@ def init_model_parallel(sizes: ParallelSizes, seed: int = 1234, backend: str = "
     # every rank, so replicated parameters start equal; the tracker then forks per-TP/EP-rank streams.
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
+
+
+def data_parallel() -> DataParallel:
+    """This rank's data-parallel group, as the trainer's row split sees it."""
+    return DataParallel(parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(),
+                        parallel_state.get_data_parallel_group())
 
 
 def destroy() -> None:

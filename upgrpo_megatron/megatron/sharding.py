@@ -20,11 +20,7 @@ from typing import Dict, Iterator, Mapping, Tuple
 import torch
 import torch.distributed as dist
 
-from upgrpo_megatron.megatron import compat
-
-compat.apply_cpu_patches()
-
-from megatron.core import parallel_state as ps  # noqa: E402
+from megatron.core import parallel_state as ps
 
 _EXPERT_RE = re.compile(r"^(.*\.mlp\.experts\.local_experts\.)(\d+)(\..*)$")
 
@@ -175,13 +171,16 @@ def full_state_dict(model) -> Dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in iter_full_params(model)}
 
 
-def _grad_of(p: torch.nn.Parameter) -> torch.Tensor:
+def grad_of(p: torch.nn.Parameter):
+    """A parameter's gradient: `main_grad` under megatron DDP (the reduced fp32 buffer), else `.grad` (or None)."""
     g = getattr(p, "main_grad", None)
-    if g is None:
-        g = p.grad if p.grad is not None else torch.zeros_like(p)
-    return g.to(p.dtype)
+    return p.grad if g is None else g
 
 
 def iter_full_grads(model) -> Iterator[Tuple[str, torch.Tensor]]:
-    """Like `iter_full_params` for gradients (`main_grad` under megatron DDP, else `.grad`)."""
-    return _iter_full(model, _grad_of)
+    """Like `iter_full_params` for gradients (`main_grad` under megatron DDP, else `.grad`; zeros when none)."""
+    def full_grad(p):
+        g = grad_of(p)
+        return (torch.zeros_like(p) if g is None else g).to(p.dtype)
+
+    return _iter_full(model, full_grad)

@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from upgrpo_megatron.distributed import strided_indices
 from upgrpo_megatron.errors import UpgrpoError
 
 
@@ -104,8 +105,43 @@ def pad_rollout_batch(batch: RolloutBatch, response_len: Optional[int] = None, p
 
 
 def shard_prompts(num_prompts: int, rank: int, world_size: int) -> List[int]:
-    """The global prompt indices data-parallel rank `rank` generates: rank::world_size."""
-    return list(range(rank, num_prompts, world_size))
+    """The global prompt indices data-parallel rank `rank` generates: rank::world_size (the trainer's row split)."""
+    return strided_indices(num_prompts, rank, world_size)
+
+
+def pad_right(rows: Sequence[Sequence[int]], pad: int, length: Optional[int] = None) -> torch.Tensor:
+    """Token-id rows right-padded (or cut) to `length` (default: the longest), `[len(rows), length]` int64."""
+    length = length or max((len(r) for r in rows), default=0)
+    out = torch.full((len(rows), max(length, 1)), pad, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(list(r[:length]), dtype=torch.long)
+    return out
+
+
+def training_batch(batch: RolloutBatch, prompt_ids: Sequence[Sequence[int]], keep: Sequence[int],
+                   advantages: torch.Tensor, *, max_prompt_length: int, max_response_length: int, pad_token_id: int,
+                   num_moe_layers: int, topk: int) -> Dict[str, torch.Tensor]:
+    """The actor's tensors for the kept samples `keep` of a rollout (see `megatron/actor.py` for the layout).
+
+    prompt_ids: token ids of every prompt, indexed by `RolloutSample.prompt_index`; advantages: `[len(batch)]`
+    per sample. Returns input_ids `[n, max_prompt_length + max_response_length]` (prompt + response, right
+    padded), prompt_lens `[n]`, response_mask / advantages / rollout_log_prob `[n, R]` float32,
+    rollout_routing `[n, R, moe_layers, topk]` (-1 where not captured) and group `[n]` (the prompt index)."""
+    kept = RolloutBatch([batch.samples[i] for i in keep], batch.weight_version)
+    t = pad_rollout_batch(kept, response_len=max_response_length, pad_token_id=pad_token_id,
+                          num_moe_layers=num_moe_layers, topk=topk)
+    prompts = [list(prompt_ids[s.prompt_index]) for s in kept.samples]
+    mask = t["response_mask"].to(torch.float32)
+    return {
+        "input_ids": pad_right([p + list(s.response_ids) for p, s in zip(prompts, kept.samples)], pad_token_id,
+                               length=max_prompt_length + max_response_length),
+        "prompt_lens": torch.tensor([len(p) for p in prompts]),
+        "response_mask": mask,
+        "advantages": (advantages[list(keep)].unsqueeze(1) * mask).contiguous(),
+        "rollout_log_prob": t["rollout_log_prob"],
+        "rollout_routing": t["rollout_routing"],
+        "group": t["prompt_index"],
+    }
 
 
 def merge_rank_batches(batches: Sequence[RolloutBatch], num_prompts: int) -> RolloutBatch:

