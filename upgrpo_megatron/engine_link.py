@@ -44,7 +44,7 @@ class RolloutClient:
         these weights, so it holds `version` (on resume: the checkpoint's)."""
         from upgrpo_megatron.convert import save_hf_checkpoint
 
-        tensors = list(weights())  # collective: every rank iterates
+        tensors = list(self._engine_view(weights(), version))  # collective: every rank iterates
         if self.is_driver:
             if self.init_dir.exists():
                 shutil.rmtree(self.init_dir)
@@ -57,6 +57,9 @@ class RolloutClient:
                 seed=self.cfg.trainer.seed,
                 max_model_len=self.cfg.data.max_prompt_length + self.cfg.data.max_response_length,
                 kv_cache_gib=r.kv_cache_gib, enforce_eager=r.enforce_eager, capture_routing=r.capture_routing,
+                gpu_memory_utilization=r.gpu_memory_utilization,
+                # log-probs of the sampling distribution (after temperature), what the actor computes too
+                logprobs_mode="processed_logprobs",
             )
             self.engine.weight_version = version
         del tensors
@@ -64,13 +67,19 @@ class RolloutClient:
 
     def sync(self, weights: WeightStream) -> None:
         """Stream the actor's weights into the engine; the engine then holds the next weight version."""
-        stream = weights()
         self.weight_version += 1
+        stream = self._engine_view(weights(), self.weight_version)
         if self.is_driver:
             self.engine.update_weights(stream, version=self.weight_version)
         else:
             for _ in stream:  # take part in the gathers
                 pass
+
+    def _engine_view(self, stream, version: int):
+        """What the engine receives: the actor's weights, with `rollout.router_noise` on the router weights."""
+        from upgrpo_megatron.rollout.weight_noise import with_router_noise
+
+        return with_router_noise(stream, self.cfg.rollout.router_noise, seed=self.cfg.trainer.seed, version=version)
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], *, n: int, temperature: float, seed: int):
         """n samples per prompt (prompt-major), the same `RolloutBatch` on every rank. An engine failure stops

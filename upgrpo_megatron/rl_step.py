@@ -45,12 +45,17 @@ class StepResult:
 
 
 class RLStep:
-    def __init__(self, cfg, *, actor, rollout, task, diagnostics, replay, dp: DataParallel, weights):
+    def __init__(self, cfg, *, actor, rollout, task, diagnostics, replay, dp: DataParallel, weights,
+                 reference=None):
         self.cfg, self.actor, self.rollout, self.task = cfg, actor, rollout, task
         self.diagnostics, self.replay, self.dp, self.weights = diagnostics, replay, dp, weights
+        self.reference = reference  # ReferencePolicy or None
 
     def run(self, step: int) -> StepResult:
         cfg, m = self.cfg, {}
+        m["actor/lr"] = self.actor.begin_rl_step()  # the schedule counts RL steps
+        # actor updates the engine's weights lag behind (syncs happen after steps k, 2k, ...)
+        m["rollout/staleness"] = float((step - 1) % cfg.rollout.sync_every)
         # 1. prompts and rollouts
         prompts = self.task.next_train_prompts(cfg.trainer.prompts_per_step)
         with timer(m, "rollout"):
@@ -62,10 +67,11 @@ class RLStep:
                                   f"{self.rollout.weight_version}: the weight sync did not reach the engine")
         # 2. rewards, 3. advantages
         texts, scores, rewards = self._rewards(prompts, rollout, m)
-        keep, adv = self._advantages(rewards, rollout, m)
+        correct = torch.tensor([float(self.task.is_correct(float(x))) for x in scores])
+        keep, adv = self._advantages(rewards, correct, rollout, m)
         samples = self._samples(prompts, rollout, texts, scores)
         if not keep:  # every group was all-right or all-wrong: nothing to learn from this step
-            self._sync(m)
+            self._sync(m, step)
             return StepResult(m, samples=samples)
         from upgrpo_megatron.rollout.batch import training_batch
 
@@ -77,16 +83,23 @@ class RLStep:
         # 4. pi_old, 5. diagnostics, 6. update, 7. weight sync
         with timer(m, "old_log_prob"):
             self._old_log_prob(batch)
+        if self.reference is not None:
+            with timer(m, "ref_log_prob"):
+                self._ref_log_prob(batch)
         diag = None
-        if cfg.diagnostics.enabled:
+        if cfg.diagnostics.enabled:  # trainer pi_old vs the engine: before pi_old's source is chosen
             with timer(m, "diagnostics"):
                 diag = self.diagnostics.rollout_vs_train(batch, step=step)
                 m.update(diag)
+        if cfg.algorithm.old_log_prob == "rollout":
+            # bypass mode (verl rollout correction, slime --use-rollout-logprobs): the loss's ratio is
+            # pi_theta / pi_rollout, so the train-inference mismatch enters it
+            batch["old_log_prob"] = batch["rollout_log_prob"]
         with timer(m, "update"):
             updates, skipped = self._update(batch, step, m, collect_drift=diag is not None)
         if diag is not None:
             m.update(self.diagnostics.finish_drift(step=step))
-        self._sync(m)
+        self._sync(m, step)
         return StepResult(m, updates=updates, skipped_updates=skipped, samples=samples)
 
     # ------------------------------------------------------------------------------------------ pieces
@@ -109,7 +122,7 @@ class RLStep:
                   "response_length/clip_ratio": (lengths >= cfg.data.max_response_length).float().mean().item()})
         return texts, scores, rewards
 
-    def _advantages(self, rewards, rollout, m):
+    def _advantages(self, rewards, correct, rollout, m):
         from upgrpo_megatron.losses import compute_grpo_advantages, dynamic_sampling_filter
 
         alg = self.cfg.algorithm
@@ -117,7 +130,9 @@ class RLStep:
         adv = compute_grpo_advantages(rewards, group, norm_by_std=alg.norm_adv_by_std)
         keep = torch.arange(len(rollout.samples))
         if alg.dynamic_sampling:
-            keep, n_dropped = dynamic_sampling_filter(rewards, group)
+            # DAPO filters on the verifier's verdict, not on the shaped reward: length penalties would keep an
+            # all-wrong group alive and give its shortest wrong answer A > 0
+            keep, n_dropped = dynamic_sampling_filter(correct, group)
             m["dapo/dropped_groups"] = float(n_dropped)
         keep = [int(i) for i in keep]
         m["dapo/kept_samples"] = float(len(keep))
@@ -141,8 +156,14 @@ class RLStep:
         if "replay" in local:
             batch["replay"] = gather_rows(local["replay"], n, dp.size, dp.group)
 
+    def _ref_log_prob(self, batch: Batch) -> None:
+        n, dp = batch["input_ids"].shape[0], self.dp
+        rows = dp_rows(n, dp.rank, dp.size)
+        ref = self.reference.log_prob(take_rows(batch, rows), self.cfg.actor.micro_batch_size)
+        batch["ref_log_prob"] = gather_rows(ref, n, dp.size, dp.group)
+
     def _loss_fn(self, step: int, normaliser: Dict[str, float]):
-        from upgrpo_megatron.losses import agg_loss, compute_policy_loss
+        from upgrpo_megatron.losses import agg_loss, compute_policy_loss, kl_penalty
 
         alg = self.cfg.algorithm
 
@@ -159,6 +180,13 @@ class RLStep:
             if alg.entropy_coeff:
                 loss = loss - alg.entropy_coeff * agg_loss(entropy, mb["response_mask"], alg.loss_agg_mode,
                                                            **normaliser)
+            if "ref_log_prob" in mb:  # KL(pi_theta || pi_ref), logged always, in the loss with kl_loss_coef > 0
+                kl = kl_penalty(log_prob, mb["ref_log_prob"], alg.kl_loss_type)
+                kl_loss = agg_loss(kl, mb["response_mask"], alg.loss_agg_mode, **normaliser)
+                out["actor/kl_loss"] = kl_loss.item() * scale
+                out["actor/kl_coef"] = alg.kl_loss_coef
+                if alg.kl_loss_coef:
+                    loss = loss + alg.kl_loss_coef * kl_loss
             tok = mb["response_mask"].sum().clamp(min=1)
             out["actor/entropy"] = ((entropy.detach() * mb["response_mask"]).sum() / tok).item()
             return faults.corrupt_loss(loss, log_prob, step), out
@@ -175,6 +203,7 @@ class RLStep:
         collected: Dict[str, list] = {}
         g = torch.Generator().manual_seed(cfg.trainer.seed * 7919 + step)
         drift_on = collect_drift and cfg.diagnostics.routing_drift
+        n_update = 0
         for epoch in range(act.ppo_epochs):
             order = groups[torch.randperm(len(groups), generator=g)]
             for chunk in torch.tensor_split(order, n_mini):
@@ -192,6 +221,9 @@ class RLStep:
                 )
                 for k, v in sm.items():
                     collected.setdefault(k, []).append(v)
+                    if n_update > 0 and k in LATE_METRICS:  # r == 1 in the first update (pi_old = pi_theta)
+                        collected.setdefault(f"actor_late/{k.split('/', 1)[1]}", []).append(v)
+                n_update += 1
         for k, v in collected.items():
             vals = [x for x in v if x is not None and math.isfinite(x)]
             m[k] = float(np.mean(vals)) if vals else float("nan")
@@ -200,9 +232,16 @@ class RLStep:
         m["actor/updates"] = float(len(skipped))
         return len(skipped), int(sum(skipped))
 
-    def _sync(self, m: Dict[str, float]) -> None:
-        with timer(m, "weight_sync"):
-            self.rollout.sync(self.weights)
+    def _sync(self, m: Dict[str, float], step: int) -> None:
+        """Sync the engine every `rollout.sync_every` steps; in between it keeps generating from stale weights."""
+        if step % self.cfg.rollout.sync_every == 0:
+            with timer(m, "weight_sync"):
+                self.rollout.sync(self.weights)
+
+
+# update metrics that are trivial in a step's first update when pi_old is the trainer's (r == 1 there): also
+# logged over the later updates only, as actor_late/*
+LATE_METRICS = ("actor/pg_clipfrac", "actor/pg_clipfrac_lower", "actor/ppo_kl", "up/pos_ratio_above_clip_frac")
 
 
 def _normaliser(mask: torch.Tensor) -> Dict[str, float]:

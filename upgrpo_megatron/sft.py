@@ -35,7 +35,7 @@ def sft_warmup(cfg, actor, task, dp: DataParallel, *, log: Optional[Callable[[in
     from upgrpo_megatron.progress import progress
 
     s = cfg.sft_warmup
-    saved_lr = [g["lr"] for g in actor.optimizer.param_groups]
+    actor.set_lr(s.lr)  # its own constant rate; the RL schedule (warm-up, decay) counts RL steps only
     rng = np.random.default_rng(cfg.trainer.seed)
     examples = task.sft_examples()
     for it in progress(range(s.steps), desc="SFT warm-up", enabled=show_progress):
@@ -50,11 +50,7 @@ def sft_warmup(cfg, actor, task, dp: DataParallel, *, log: Optional[Callable[[in
             loss = -(lp * mb["response_mask"]).sum() / total
             return loss, {"sft/loss": loss.item() * total / mb["response_mask"].sum().clamp(min=1).item()}
 
-        for g in actor.optimizer.param_groups:
-            g["lr"] = s.lr
         m = actor.train_step(split_micro_batches(batch, torch.arange(len(rows)), cfg.actor.micro_batch_size), loss_fn)
         if log is not None and (it % 10 == 0 or it == s.steps - 1):
             log(-s.steps + it, {"sft/loss": m.get("sft/loss"), "sft/grad_norm": m["actor/grad_norm"]})
-    for g, lr in zip(actor.optimizer.param_groups, saved_lr):
-        g["lr"] = lr
     return True

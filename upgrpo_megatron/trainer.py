@@ -54,6 +54,8 @@ class Trainer:
         self._stop_signal: Optional[int] = None
         if resume_from is not None:
             self._load_checkpoint(resume_from)
+        elif cfg.trainer.init_from:
+            self._init_from(cfg.trainer.init_from)
         elif self.rank == 0:
             print(f"starting {self.run_dir.path} from scratch (no complete checkpoint to resume)", flush=True)
         self.metrics = None
@@ -84,13 +86,19 @@ class Trainer:
             raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                               f"{len(self.tokenizer)} tokens")
         a = cfg.actor
+        shape = dict(tp=lay.tp, ep=lay.ep, etp=lay.etp, sequence_parallel=lay.sequence_parallel,
+                     dtype=cfg.model.dtype, temperature=cfg.rollout.temperature)
         self.actor = MegatronActor(
-            cfg.model, tp=lay.tp, ep=lay.ep, etp=lay.etp, sequence_parallel=lay.sequence_parallel,
-            dtype=cfg.model.dtype,
+            cfg.model, **shape,
             optim=OptimSettings(lr=a.lr, min_lr=a.min_lr, weight_decay=a.weight_decay, betas=tuple(a.betas),
                                 grad_clip=a.grad_clip, lr_warmup_steps=a.lr_warmup_steps,
                                 lr_schedule=a.lr_schedule, total_steps=cfg.trainer.total_steps),
         )
+        self.reference = None
+        if cfg.algorithm.log_kl_to_ref or cfg.algorithm.kl_loss_coef > 0:
+            from upgrpo_megatron.megatron.reference import ReferencePolicy
+
+            self.reference = ReferencePolicy(cfg.model, **shape)
         if cfg.model.hf_path:
             from upgrpo_megatron.convert import load_hf_into_model
 
@@ -105,7 +113,7 @@ class Trainer:
         self.rollout = RolloutClient(cfg, self.tokenizer, self.run_dir.path)
         self.step_fn = RLStep(cfg, actor=self.actor, rollout=self.rollout, task=self.task,
                               diagnostics=self.diagnostics, replay=get_router_replay(cfg.algorithm.router_replay),
-                              dp=self.dp, weights=self.weights)
+                              dp=self.dp, weights=self.weights, reference=self.reference)
 
     # --------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -140,6 +148,36 @@ class Trainer:
                                              model_cfg=self.cfg.model))
         if self.rank == 0:
             print(f"resumed from {path} at step {self.step}", flush=True)
+
+    def _init_from(self, path) -> None:
+        """RL starts from another run's checkpoint (its weights only: fresh optimizer, step 0, no SFT warm-up),
+        so that arms of an experiment share one post-SFT model."""
+        from pathlib import Path
+
+        from upgrpo_megatron.errors import RunDirError
+        from upgrpo_megatron.megatron.checkpoint import load_checkpoint
+
+        if not Path(path).is_dir():
+            raise RunDirError(f"trainer.init_from={path}: no such checkpoint directory")
+        load_checkpoint(path, self.actor.module, optimizer=None, model_cfg=self.cfg.model)
+        self.sft_done = True
+        if self.rank == 0:
+            print(f"starting {self.run_dir.path} from the weights of {path} (trainer.init_from)", flush=True)
+
+    def _prepare_reference(self) -> None:
+        """The reference policy = the weights RL starts from; saved once, loaded on resume."""
+        if self.reference is None:
+            return
+        from upgrpo_megatron.megatron.reference import reference_is_saved
+
+        path = self.run_dir.path / "reference"
+        if reference_is_saved(path):
+            self.reference.load(path)
+        else:
+            if self.step > 0 and self.rank == 0:
+                print(f"note: {path} is missing; the reference policy is taken from the resumed weights", flush=True)
+            self.reference.copy_from(self.actor.module)
+            self.reference.save(path)
 
     # --------------------------------------------------------------------------------------- steps
     def start_rollout(self) -> None:
@@ -219,6 +257,7 @@ class Trainer:
                                            stop_requested=self._stop_requested, show_progress=self.rank == 0)
             if self._stop_on_signal("during the SFT warm-up"):
                 return
+            self._prepare_reference()
             self.start_rollout()
             if self._stop_on_signal(f"while the rollout engine started (step {self.step})"):
                 return

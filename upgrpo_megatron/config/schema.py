@@ -108,6 +108,11 @@ class RolloutConfig:
     capture_routing: bool = True
     val_temperature: float = 0.0
     val_n: int = 1
+    # controlled train-inference mismatch (experiments): Gaussian noise of relative size router_noise (x the
+    # RMS of each router weight) added to the ENGINE's copy of the router weights only, drawn anew for every
+    # weight version from trainer.seed; 0 = off
+    router_noise: float = 0.0
+    sync_every: int = 1                  # sync the engine every k steps (k > 1: rollouts from stale weights)
 
 
 @dataclass
@@ -125,6 +130,8 @@ class AlgorithmConfig:
     kl_loss_type: str = "low_var_kl"
     entropy_coeff: float = 0.0
     router_replay: str = "none"
+    old_log_prob: str = "trainer"        # pi_old: the trainer's recompute | the rollout engine's log-probs
+    log_kl_to_ref: bool = True           # keep a reference policy and log KL(actor || reference) every step
 
 
 @dataclass
@@ -167,6 +174,7 @@ class TrainerConfig:
     wandb: bool = False
     world_size_hint: Optional[int] = None
     samples_per_step: int = 4
+    init_from: Optional[str] = None      # start RL from this checkpoint's weights (no SFT warm-up; step 0)
 
 
 @dataclass

@@ -20,6 +20,7 @@ FIXED_CHOICES = {
     "rollout.engine": ("vllm",),
     "rollout.dtype": ("fp32", "bf16"),
     "actor.lr_schedule": ("constant", "cosine"),
+    "algorithm.old_log_prob": ("trainer", "rollout"),
 }
 ARITHMETIC_OPS = ("+", "-", "*")
 
@@ -49,17 +50,18 @@ POSITIVE = [
     "model.norm_epsilon", "parallel.tp", "parallel.ep", "parallel.etp", "parallel.pp",
     "data.max_prompt_length", "data.max_response_length", "data.num_train", "data.num_val",
     "data.arithmetic_max_operand", "sft_warmup.batch_size", "rollout.n", "rollout.kv_cache_gib", "rollout.val_n",
+    "rollout.temperature",
     "actor.ppo_epochs", "actor.ppo_mini_batch_size", "actor.micro_batch_size", "actor.max_bad_steps",
     "trainer.total_steps", "trainer.prompts_per_step", "trainer.save_every", "trainer.keep_checkpoints",
-    "diagnostics.save_every",
+    "diagnostics.save_every", "rollout.sync_every",
 ]
 NON_NEGATIVE = [
     "model.moe_aux_loss_coeff", "model.first_k_dense_layers", "model.shared_expert_ffn_hidden_size",
-    "model.init_std", "sft_warmup.steps", "sft_warmup.lr", "rollout.temperature", "rollout.val_temperature",
+    "model.init_std", "sft_warmup.steps", "sft_warmup.lr", "rollout.val_temperature",
     "algorithm.clip_ratio_low", "algorithm.clip_ratio_high", "algorithm.overlong_buffer_len",
     "algorithm.overlong_penalty_factor", "algorithm.kl_loss_coef", "algorithm.entropy_coeff", "actor.lr",
     "actor.lr_warmup_steps", "actor.min_lr", "actor.weight_decay", "actor.grad_clip", "trainer.eval_every",
-    "diagnostics.log_prob_diff_threshold", "trainer.samples_per_step",
+    "diagnostics.log_prob_diff_threshold", "trainer.samples_per_step", "rollout.router_noise",
 ]
 
 
@@ -154,6 +156,12 @@ def _check_data_and_batches(cfg: RecipeConfig, where: str) -> None:
               "each threshold must be > 1 (a ratio is extreme above tau or below 1/tau)")
     if t.world_size_hint is not None and t.world_size_hint <= 0:
         _fail("trainer.world_size_hint", t.world_size_hint, where, "must be > 0")
+    if cfg.rollout.sync_every > 1 and t.eval_every % cfg.rollout.sync_every:
+        _fail("trainer.eval_every", t.eval_every, where, f"must be a multiple of rollout.sync_every="
+              f"{cfg.rollout.sync_every}, so that every eval sees the actor's current weights")
+    if t.wandb:
+        _fail("trainer.wandb", t.wandb, where, "Weights & Biases logging is not built in: metrics go to "
+              "RUN_DIR/metrics.jsonl and TensorBoard (RUN_DIR/tensorboard)")
 
 
 def validate_for_cpu_engine(cfg: RecipeConfig) -> None:

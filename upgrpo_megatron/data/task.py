@@ -42,6 +42,10 @@ class Task:
     def reward(self, response: str, answer: str) -> float:
         return float(self._reward(response, answer))
 
+    def is_correct(self, reward: float) -> bool:
+        """The verifier's verdict behind a reward (rewards are > 0 exactly when the response is correct)."""
+        return is_correct(reward)
+
     def accuracy(self, response: str, answer: str) -> float:
         """1.0 if the response is correct, else 0.0 (for val/acc: DAPO's reward is +1/-1, not 1/0)."""
         return 1.0 if is_correct(self.reward(response, answer)) else 0.0

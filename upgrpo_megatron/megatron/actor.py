@@ -53,7 +53,7 @@ class MegatronActor:
     """Owns the (DDP-wrapped) GPTModel, megatron's optimizer and LR schedule on this rank."""
 
     def __init__(self, model_cfg, *, tp=1, ep=1, etp=1, sequence_parallel=False, dtype="fp32",
-                 optim: Optional[OptimSettings] = None):
+                 optim: Optional[OptimSettings] = None, temperature: float = 1.0):
         # Router replay instances are global in megatron: start from a clean list for this model.
         RouterReplay.clear_global_router_replay_instances()
         self.model_cfg = model_cfg
@@ -82,13 +82,22 @@ class MegatronActor:
             start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=1, wd_incr_style="constant",
         )
         self.num_moe_layers = len(RouterReplay.global_router_replay_instances)
+        self.module.logit_temperature = float(temperature)
+
+    # ------------------------------------------------------------------ learning rate
+    def begin_rl_step(self) -> float:
+        """Advance the RL schedule by one step (warm-up and decay count RL steps, as verl does) and return the
+        learning rate this step's updates use. Called before the step's first update, so step 1 of a warm-up
+        of W steps trains at lr / W, never at 0."""
+        self.scheduler.step(1)
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def set_lr(self, lr: float) -> None:
+        """A fixed learning rate outside the RL schedule (the SFT warm-up); the next `begin_rl_step` resets it."""
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
 
     # ------------------------------------------------------------------ forward
-    def _pad_seq(self, ids: torch.Tensor) -> torch.Tensor:
-        mult = self.tp if self.sequence_parallel else 1
-        pad = (-ids.shape[1]) % mult
-        return torch.nn.functional.pad(ids, (0, pad)) if pad else ids
-
     def _replay_indices(self, routing_full: torch.Tensor) -> List[torch.Tensor]:
         """[batch, seq, layers, k] -> per layer this rank's [seq_local * batch, k] in megatron token order."""
         r = routing_full.permute(1, 0, 2, 3)  # [seq, batch, layers, k]: megatron is sequence-first
@@ -119,29 +128,22 @@ class MegatronActor:
             log_prob `[batch, R]`, entropy `[batch, R]`, routing `[batch, R, moe_layers, k]` or None.
         """
         b, s = input_ids.shape
-        ids = self._pad_seq(input_ids)
-        pos = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0).expand_as(ids)
+        ids = pad_sequence_dim(input_ids, self.tp if self.sequence_parallel else 1)
         if replay_routing is not None:
             rr = torch.nn.functional.pad(replay_routing, (0, 0, 0, 0, 0, ids.shape[1] - s))
             RouterReplay.set_replay_data(self._replay_indices(rr))
             RouterReplay.set_global_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
         elif record_routing:
             RouterReplay.set_global_router_replay_action(RouterReplayAction.RECORD)
-        # next-token targets for every position (the last one scores a pad and is never read)
-        targets = torch.nn.functional.pad(ids[:, 1:], (0, 1))
         try:
-            out = self.model(ids, pos, None, labels=targets)  # [batch, seq, 2]: log-prob, entropy
+            log_prob, entropy = score_responses(self.model, ids, prompt_lens, response_len)
         finally:
             routing_full = self._recorded_routing(b, ids.shape[1]) if record_routing and replay_routing is None else None
             RouterReplay.clear_global_router_replay_action()
             RouterReplay.clear_global_indices()
-        lp_all, ent_all = out[:, :-1, 0], out[:, :-1, 1]  # [batch, seq_padded - 1]
-        t = torch.arange(response_len, device=ids.device)
-        score_pos = (prompt_lens.unsqueeze(1) - 1 + t).clamp(0, lp_all.shape[1] - 1)
-        log_prob = lp_all.gather(1, score_pos)
-        entropy = ent_all.gather(1, score_pos)
         routing = None
         if routing_full is not None:
+            t = torch.arange(response_len, device=ids.device)
             tok_pos = (prompt_lens.unsqueeze(1) + t).clamp(0, s - 1)
             idx = tok_pos[:, :, None, None].expand(-1, -1, routing_full.shape[2], routing_full.shape[3])
             routing = routing_full[:, :s].gather(1, idx)
@@ -171,7 +173,7 @@ class MegatronActor:
         self.model.eval()
         parts = []
         for sl in _slices(input_ids.shape[0], micro_batch_size):
-            ids = self._pad_seq(input_ids[sl])
+            ids = pad_sequence_dim(input_ids[sl], self.tp if self.sequence_parallel else 1)
             pos = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
             RouterReplay.set_global_router_replay_action(RouterReplayAction.RECORD)
             try:
@@ -229,10 +231,30 @@ class MegatronActor:
             out.update({"actor/grad_norm": float("nan"), "actor/skipped_step": 1.0})
             return out
         ok, grad_norm, _ = self.optimizer.step()
-        self.scheduler.step(1)
         out.update({"actor/grad_norm": float(grad_norm), "actor/skipped_step": 0.0 if ok else 1.0,
                     "actor/lr": float(self.optimizer.param_groups[0]["lr"])})
         return out
+
+
+def pad_sequence_dim(ids: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Right-pad `[batch, seq]` so seq is a multiple of `multiple` (sequence parallelism splits it over TP)."""
+    pad = (-ids.shape[1]) % multiple
+    return torch.nn.functional.pad(ids, (0, pad)) if pad else ids
+
+
+def score_responses(model, ids: torch.Tensor, prompt_lens: torch.Tensor, response_len: int):
+    """Log-prob and entropy `[batch, response_len]` of each response token under `model`.
+
+    ids: `[batch, seq]` prompt + response, right-padded (seq already a multiple of the SP split). Response
+    token t of row i is scored by the logits at input position prompt_lens[i] - 1 + t."""
+    pos = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0).expand_as(ids)
+    # next-token targets for every position (the last one scores a pad and is never read)
+    targets = torch.nn.functional.pad(ids[:, 1:], (0, 1))
+    out = model(ids, pos, None, labels=targets)  # [batch, seq, 2]: log-prob, entropy
+    lp_all, ent_all = out[:, :-1, 0], out[:, :-1, 1]  # [batch, seq_padded - 1]
+    t = torch.arange(response_len, device=ids.device)
+    score_pos = (prompt_lens.unsqueeze(1) - 1 + t).clamp(0, lp_all.shape[1] - 1)
+    return lp_all.gather(1, score_pos), ent_all.gather(1, score_pos)
 
 
 def _slices(n: int, size: int) -> Iterator[slice]:

@@ -88,9 +88,15 @@ class PolicyGPTModel(GPTModel):
     back (two full copies per step, ~8% of a CPU training step on the medium benchmark config).
     """
 
+    # the sampling temperature: log-probs and entropies are those of softmax(logits / T), the distribution the
+    # rollout engine samples from (set by the actor from rollout.temperature)
+    logit_temperature = 1.0
+
     def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         from upgrpo_megatron.megatron.logprobs import vocab_parallel_log_prob_entropy
 
+        if self.logit_temperature != 1.0:
+            logits = logits / self.logit_temperature
         lp, ent = vocab_parallel_log_prob_entropy(logits, labels.transpose(0, 1))  # [seq, batch]
         return torch.stack([lp, ent], dim=-1).transpose(0, 1)
 
