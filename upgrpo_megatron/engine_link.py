@@ -58,8 +58,6 @@ class RolloutClient:
                 max_model_len=self.cfg.data.max_prompt_length + self.cfg.data.max_response_length,
                 kv_cache_gib=r.kv_cache_gib, enforce_eager=r.enforce_eager, capture_routing=r.capture_routing,
                 gpu_memory_utilization=r.gpu_memory_utilization,
-                # log-probs of the sampling distribution (after temperature), what the actor computes too
-                logprobs_mode="processed_logprobs",
             )
             self.engine.weight_version = version
         del tensors

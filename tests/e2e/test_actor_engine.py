@@ -24,6 +24,15 @@ def test_engine_log_probs_and_routing_match_the_actor_on_the_same_fp32_weights(r
     assert r["pair_frac"] <= 0.01  # top-k sets agree on >= 99% of (token, layer) pairs
 
 
+def test_at_temperature_0_7_engine_and_actor_score_the_sampling_distribution(result):
+    r = result["temperature_0.7"]
+    # the actor divides its logits by T and the engine returns processed (post-temperature) log-probs: they
+    # agree as at T = 1 ...
+    assert r["lp_mean_abs"] < 1e-4 and r["lp_max_abs"] < 1e-3
+    # ... and they are not the T = 1 log-probs (which is what both reported before temperature was handled)
+    assert r["t07_vs_t1_mean_abs"] > 0.05
+
+
 def test_after_an_optimizer_step_the_sync_makes_the_engine_follow_the_new_actor(result):
     assert result["before_sync"]["lp_mean_abs"] > 1e-2  # the actor moved, the engine did not yet
     assert result["after_sync"]["lp_mean_abs"] < 1e-4 and result["after_sync"]["version"] == 1

@@ -38,8 +38,8 @@ def main():
     engine = RolloutEngine(d, dtype="float32", seed=0, max_model_len=48)
     prompts = [[3, 4, 5, 6], [7, 8, 9], [10, 11, 12, 13, 14]]
 
-    def rollout_and_score(seed):
-        b = engine.generate(prompts, n=4, temperature=1.0, max_tokens=10, seed=seed)
+    def rollout_and_score(seed, temperature=1.0):
+        b = engine.generate(prompts, n=4, temperature=temperature, max_tokens=10, seed=seed)
         seqs = [prompts[s.prompt_index] + s.response_ids for s in b.samples]
         R = max(len(s.response_ids) for s in b.samples)
         mask = torch.zeros(len(seqs), R)
@@ -59,6 +59,16 @@ def main():
 
     res = {}
     batch, out, res["same_weights"] = rollout_and_score(1)
+    # sampling at T = 0.7: the engine's log-probs are of softmax(logits / 0.7), and so are the actor's
+    actor.module.logit_temperature = 0.7
+    t_batch, _, res["temperature_0.7"] = rollout_and_score(5, temperature=0.7)
+    actor.module.logit_temperature = 1.0
+    t1 = actor.compute_log_prob(t_batch, 16)["log_prob"]
+    actor.module.logit_temperature = 0.7
+    t07 = actor.compute_log_prob(t_batch, 16)["log_prob"]
+    actor.module.logit_temperature = 1.0
+    res["temperature_0.7"]["t07_vs_t1_mean_abs"] = float(((t07 - t1).abs() * t_batch["response_mask"]).sum()
+                                                         / t_batch["response_mask"].sum())
     # one optimizer step on the actor, then sync: the engine must follow the new weights
     def loss_fn(mb, lp, ent):
         return -(lp * mb["response_mask"]).sum() / mb["response_mask"].sum(), {}

@@ -113,14 +113,15 @@ class RolloutEngine:
 
     dtype: "float32" | "bfloat16". max_model_len: prompt + response tokens. kv_cache_gib: KV cache on CPU.
     num_moe_layers / topk: read from config.json; when given they must agree (a check on the caller's model).
-    logprobs_mode: "raw_logprobs" (the model's distribution at temperature 1: what an actor that does not
-    scale logits computes) | "processed_logprobs" (the sampling distribution after temperature/top-k/top-p).
+    logprobs_mode: "processed_logprobs" (default: the distribution tokens are sampled from, after temperature —
+    what the actor computes, as it divides its logits by the same temperature; with top-k/top-p the engine's
+    distribution is also truncated, which the actor does not mirror) | "raw_logprobs" (temperature 1).
     """
 
     def __init__(self, hf_dir: str, *, dtype: str = "float32", seed: int = 0, max_model_len: int = 256,
                  kv_cache_gib: float = 1.0, enforce_eager: bool = True, capture_routing: bool = True,
                  num_moe_layers: Optional[int] = None, topk: Optional[int] = None,
-                 logprobs_mode: str = "raw_logprobs", gpu_memory_utilization: float = 0.6,
+                 logprobs_mode: str = "processed_logprobs", gpu_memory_utilization: float = 0.6,
                  max_num_seqs: int = 256):
         cfg_path = os.path.join(hf_dir, "config.json")
         if not os.path.isfile(cfg_path):
