@@ -1,0 +1,162 @@
+"""Test oracles written from the equations (the UP-GRPO post, PPO/DAPO dual clip, GSPO, TOPR, CISPO), not from any
+implementation: explicit loops over the tokens of float64 tensors, with Python `math` for everything that carries
+no gradient. Deliberately slow and plain; use them on small batches.
+
+Losses are built token by token from the 0-dim elements of `log_prob`, so autograd through an oracle gives the
+oracle's gradient. Masked tokens never enter an oracle (their values do not matter).
+"""
+import math
+import statistics
+
+import torch
+
+AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+def clip(x, lo, hi):
+    """clip(x, lo, hi) of a float or a 0-dim tensor."""
+    if isinstance(x, torch.Tensor):
+        return torch.clamp(x, lo, hi)
+    return min(max(x, lo), hi)
+
+
+def valid_tokens(mask, i):
+    return [t for t in range(mask.shape[1]) if mask[i, t] > 0]
+
+
+def seq_ratio(old, lp, mask, i):
+    """GSPO: s_i = exp((1/|y_i|) sum_t (log pi_t - log pi_old,t)), a float."""
+    toks, lp = valid_tokens(mask, i), lp.detach()
+    return math.exp(sum(float(lp[i, t]) - float(old[i, t]) for t in toks) / len(toks))
+
+
+# --- per-token losses (x = log pi_theta of the token, a 0-dim tensor with grad) -------------------------------------
+def ppo_dual_clip(r, a, eps_low, eps_high, c):
+    """PPO clip with the dual clip: max(-A r, -A clip(r, 1-eps_l, 1+eps_h)), and for A < 0 min(-A c, that)."""
+    loss = torch.maximum(-a * r, -a * clip(r, 1 - eps_low, 1 + eps_high))
+    if a < 0:
+        loss = torch.minimum(loss, torch.tensor(-a * c, dtype=torch.float64))
+    return loss
+
+
+def gspo_clip(s, a, eps_low, eps_high):
+    """GSPO: max(-A s, -A clip(s, 1-eps_l, 1+eps_h)) (no dual clip)."""
+    return torch.maximum(-a * s, -a * clip(s, 1 - eps_low, 1 + eps_high))
+
+
+def token_loss(mode, x, old, a, s, eps_low=0.2, eps_high=0.28, c=3.0):
+    """One token's loss. x: log pi (0-dim, grad); old: log pi_old (float); a: advantage (float); s: the GSPO
+    sequence ratio (float), used by gspo / up_gspo."""
+    x_val = float(x.detach())
+    r = torch.exp(x - old)  # r = pi_theta / pi_old
+    r_val = math.exp(x_val - old)  # the same number, without gradient: sg(r)
+    if mode in ("up_grpo", "up_gspo", "topr") and a > 0:
+        return -a * x  # the positive branch: -A log pi, no ratio, no clip
+    if mode in ("vanilla", "up_grpo"):
+        return ppo_dual_clip(r, a, eps_low, eps_high, c)
+    if mode in ("gspo", "up_gspo"):
+        s_t = s * torch.exp(x - x_val)  # GSPO-token: value s_i, gradient s_i grad log pi_t
+        return gspo_clip(s_t, a, eps_low, eps_high)
+    if mode == "topr":
+        return -min(r_val, 1.0) * a * x  # A <= 0: -sg(clamp(r, 0, 1)) A log pi
+    if mode == "cispo":
+        lo = 1 - eps_low if eps_low < 1 else 0.0
+        return -clip(r_val, lo, 1 + eps_high) * a * x  # -sg(clip(r)) A log pi
+    raise ValueError(mode)
+
+
+def aggregate(rows, mode, L):
+    """rows: one list per sequence of its valid tokens' losses. The four aggregation modes, written out."""
+    n_tok = sum(len(r) for r in rows)
+    kept = [r for r in rows if r]  # sequences with no valid token count for nothing
+    total = sum(sum(r) for r in kept)
+    if mode == "token-mean":
+        return total / n_tok
+    if mode == "seq-mean-token-sum":
+        return sum(sum(r) for r in kept) / len(kept)
+    if mode == "seq-mean-token-mean":
+        return sum(sum(r) / len(r) for r in kept) / len(kept)
+    if mode == "seq-mean-token-sum-norm":
+        return total / L
+    raise ValueError(mode)
+
+
+def policy_loss(mode, old, lp, adv, mask, agg="token-mean", eps_low=0.2, eps_high=0.28, c=3.0, weights=None, L=None):
+    """The aggregated loss of `mode` as a 0-dim tensor built from lp's elements; weights: optional per-token
+    multipliers u_it (a correction arm)."""
+    rows = []
+    for i in range(lp.shape[0]):
+        toks = valid_tokens(mask, i)
+        s = seq_ratio(old, lp, mask, i) if toks and mode in ("gspo", "up_gspo") else None
+        row = []
+        for t in toks:
+            l_t = token_loss(mode, lp[i, t], float(old[i, t]), float(adv[i, t]), s, eps_low, eps_high, c)
+            row.append(l_t if weights is None else float(weights[i, t]) * l_t)
+        rows.append(row)
+    return aggregate(rows, agg, lp.shape[1] if L is None else L)
+
+
+def value_and_grad(mode, old, lp, adv, mask, **kw):
+    x = lp.clone().requires_grad_()
+    loss = policy_loss(mode, old, x, adv, mask, **kw)
+    loss.backward()
+    return loss.detach(), x.grad
+
+
+# --- metrics -------------------------------------------------------------------------------------------------------
+def _frac(num, den):
+    return num / den if den else 0.0
+
+
+def policy_metrics(mode, old, lp, adv, mask, eps_low=0.2, eps_high=0.28, c=3.0):
+    """The metrics every mode reports, from their definitions, one token at a time."""
+    n = n_neg = n_pos = clipped = clipped_neg = lower = above = 0
+    kl, r_pos, r_neg = [], [], []
+    for i in range(lp.shape[0]):
+        toks = valid_tokens(mask, i)
+        s = seq_ratio(old, lp, mask, i) if toks else None
+        for t in toks:
+            a, o, x = float(adv[i, t]), float(old[i, t]), float(lp[i, t])
+            r = math.exp(x - o)
+            lo = 1 - eps_low if eps_low < 1 else 0.0
+            if mode in ("vanilla", "up_grpo"):
+                is_clipped = -a * clip(r, lo, 1 + eps_high) > -a * r  # the PPO clip changed the loss
+                if mode == "up_grpo":
+                    is_clipped = is_clipped and a <= 0
+                is_lower = a < 0 and max(-a * r, -a * clip(r, lo, 1 + eps_high)) > -a * c  # the dual clip binds
+            elif mode in ("gspo", "up_gspo"):
+                is_clipped = -a * clip(s, lo, 1 + eps_high) > -a * s
+                if mode == "up_gspo":
+                    is_clipped = is_clipped and a <= 0
+                is_lower = False
+            elif mode == "topr":
+                is_clipped, is_lower = a <= 0 and r > 1.0, False  # the taper min(r, 1) binds
+            else:  # cispo
+                is_clipped, is_lower = clip(r, lo, 1 + eps_high) != r, False  # the IS weight was clipped
+            n += 1
+            clipped += is_clipped
+            lower += is_lower
+            kl.append(o - x)
+            if a > 0:
+                n_pos += 1
+                r_pos.append(r)
+                above += (s if mode in ("gspo", "up_gspo") else r) > 1 + eps_high
+            else:
+                n_neg += 1
+                r_neg.append(r)
+                clipped_neg += is_clipped
+    out = {
+        "pg_clipfrac": _frac(clipped, n),
+        "pg_clipfrac_lower": _frac(lower, n),
+        "neg/pg_clipfrac": _frac(clipped_neg, n_neg),
+        "ppo_kl": statistics.fmean(kl) if kl else 0.0,
+        "pos/ratio_above_clip_frac": _frac(above, n_pos),
+        "ratio/pos_mean": statistics.fmean(r_pos) if r_pos else 0.0,
+        "ratio/pos_var": statistics.pvariance(r_pos) if r_pos else 0.0,
+        "ratio/neg_mean": statistics.fmean(r_neg) if r_neg else 0.0,
+        "ratio/neg_var": statistics.pvariance(r_neg) if r_neg else 0.0,
+    }
+    if mode.startswith("up_"):
+        out["up/pos_token_frac"] = _frac(n_pos, n)
+        out["up/pos_ratio_above_clip_frac"] = out["pos/ratio_above_clip_frac"]
+    return out
