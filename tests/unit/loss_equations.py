@@ -1,6 +1,6 @@
-"""Test oracles written from the equations (the UP-GRPO post, PPO/DAPO dual clip, GSPO, TOPR, CISPO), not from any
-implementation: explicit loops over the tokens of float64 tensors, with Python `math` for everything that carries
-no gradient. Deliberately slow and plain; use them on small batches.
+"""Test oracles written from the equations (the UP-GRPO post, PPO/DAPO dual clip, GSPO, TOPR, CISPO, the
+train-inference correction arms), not from any implementation: explicit loops over the tokens of float64 tensors,
+with Python `math` for everything that carries no gradient. Deliberately slow and plain; use them on small batches.
 
 Losses are built token by token from the 0-dim elements of `log_prob`, so autograd through an oracle gives the
 oracle's gradient. Masked tokens never enter an oracle (their values do not matter).
@@ -160,3 +160,87 @@ def policy_metrics(mode, old, lp, adv, mask, eps_low=0.2, eps_high=0.28, c=3.0):
         out["up/pos_token_frac"] = _frac(n_pos, n)
         out["up/pos_ratio_above_clip_frac"] = out["pos/ratio_above_clip_frac"]
     return out
+
+
+# --- correction arms ------------------------------------------------------------------------------------------------
+def engine_ratios(trainer_lp, rollout_lp, mask):
+    """{(i, t): w_it = pi_trainer / pi_rollout} over the valid tokens."""
+    return {(i, t): math.exp(float(trainer_lp[i, t]) - float(rollout_lp[i, t]))
+            for i in range(mask.shape[0]) for t in valid_tokens(mask, i)}
+
+
+def tis(trainer_lp, rollout_lp, mask, cap=2.0):
+    """TIS: u = min(w, C); metrics: truncated fraction, mean weight (over valid tokens)."""
+    w = engine_ratios(trainer_lp, rollout_lp, mask)
+    u = torch.zeros(mask.shape, dtype=torch.float64)
+    for (i, t), x in w.items():
+        u[i, t] = min(x, cap)
+    return u, {"tis/truncated_frac": _frac(sum(x > cap for x in w.values()), len(w)),
+               "tis/weight_mean": statistics.fmean(min(x, cap) for x in w.values()) if w else 0.0}
+
+
+def icepop(trainer_lp, rollout_lp, mask, low=0.5, high=5.0, scale_by_ratio=True):
+    """IcePop: u = w (or 1) inside [low, high], 0 outside."""
+    w = engine_ratios(trainer_lp, rollout_lp, mask)
+    u = torch.zeros(mask.shape, dtype=torch.float64)
+    for (i, t), x in w.items():
+        if low <= x <= high:
+            u[i, t] = x if scale_by_ratio else 1.0
+    n = len(w)
+    lo_n, hi_n = sum(x < low for x in w.values()), sum(x > high for x in w.values())
+    return u, {"icepop/masked_frac": _frac(lo_n + hi_n, n), "icepop/masked_low_frac": _frac(lo_n, n),
+               "icepop/masked_high_frac": _frac(hi_n, n),
+               "icepop/weight_mean": statistics.fmean(float(u[k]) for k in w) if w else 0.0}
+
+
+def seq_mask_is(trainer_lp, rollout_lp, mask, low=0.999, high=1.001):
+    """Geometric-mean sequence mask: u = 1 on the valid tokens of sequences with low <= prod_t w_t^(1/n) <= high."""
+    u = torch.zeros(mask.shape, dtype=torch.float64)
+    seqs = masked_seqs = toks = masked_toks = 0
+    for i in range(mask.shape[0]):
+        valid = valid_tokens(mask, i)
+        if not valid:
+            continue
+        logs = [float(trainer_lp[i, t]) - float(rollout_lp[i, t]) for t in valid]
+        geo = math.exp(sum(logs) / len(logs))  # exp of the mean log w
+        keep = low <= geo <= high
+        seqs += 1
+        toks += len(valid)
+        masked_seqs += not keep
+        masked_toks += 0 if keep else len(valid)
+        for t in valid:
+            u[i, t] = 1.0 if keep else 0.0
+    return u, {"seq_mask_is/masked_seq_frac": _frac(masked_seqs, seqs),
+               "seq_mask_is/masked_token_frac": _frac(masked_toks, toks)}
+
+
+def routing_mask(train_routing, rollout_routing, mask, min_layers=1, alpha=0.0, only_negative=False, advantages=None):
+    """u = alpha on tokens whose top-k expert SETS differ in >= min_layers layers (a layer with -1 on either side
+    is not compared), 1 elsewhere; with only_negative, A > 0 tokens are left at 1."""
+    u = torch.zeros(mask.shape, dtype=torch.float64)
+    n = hit_n = pos_n = pos_hit = neg_n = neg_hit = 0
+    for i in range(mask.shape[0]):
+        for t in valid_tokens(mask, i):
+            differing = 0
+            for layer in range(train_routing.shape[2]):
+                a = [int(e) for e in train_routing[i, t, layer]]
+                b = [int(e) for e in rollout_routing[i, t, layer]]
+                if min(a) < 0 or min(b) < 0:
+                    continue  # not captured on one side: not compared
+                differing += set(a) != set(b)
+            hit = differing >= min_layers
+            if only_negative and float(advantages[i, t]) > 0:
+                hit = False
+            u[i, t] = alpha if hit else 1.0
+            n += 1
+            hit_n += hit
+            if advantages is not None:
+                if float(advantages[i, t]) > 0:
+                    pos_n, pos_hit = pos_n + 1, pos_hit + hit
+                else:
+                    neg_n, neg_hit = neg_n + 1, neg_hit + hit
+    metrics = {"routing_mask/masked_frac": _frac(hit_n, n)}
+    if advantages is not None:
+        metrics["routing_mask/masked_pos_frac"] = _frac(pos_hit, pos_n)
+        metrics["routing_mask/masked_neg_frac"] = _frac(neg_hit, neg_n)
+    return u, metrics
