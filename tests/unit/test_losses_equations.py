@@ -68,6 +68,28 @@ def test_property_every_mode_matches_its_oracle_on_random_shapes_and_masks(b, t,
         assert metrics[k] == pytest.approx(v, rel=1e-9, abs=1e-12), k
 
 
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_up_grpo_equals_the_posts_literal_form_on_a_large_batch(agg):
+    """The closed form (one clamp in log space) against the post's three products, max, min and wheres, at a size
+    the loop oracle cannot reach; the literal form itself is checked against the loop oracle on a small batch."""
+    small = _inputs(seed=10, per_token_adv=True)
+    ref_loss, ref_grad = eq.value_and_grad("up_grpo", *small, agg=agg, **EPS)
+    x = small[1].clone().requires_grad_()
+    lit = eq.literal_up_grpo_loss(small[0], x, small[2], small[3], agg=agg)[0]
+    lit.backward()
+    torch.testing.assert_close(lit.detach(), ref_loss, **TOL)
+    torch.testing.assert_close(x.grad, ref_grad, **TOL)
+    old, lp, adv, mask = _inputs(b=64, t=256, seed=11, spread=1.0)
+    loss, grad, m = _ours("up_grpo", old, lp, adv, mask, agg)
+    y = lp.clone().requires_grad_()
+    lit, clipfrac, kl, lower = eq.literal_up_grpo_loss(old, y, adv, mask, agg=agg)
+    lit.backward()
+    torch.testing.assert_close(loss, lit.detach(), **TOL)
+    torch.testing.assert_close(grad, y.grad, **TOL)
+    for name, v in (("pg_clipfrac", clipfrac), ("ppo_kl", kl), ("pg_clipfrac_lower", lower)):
+        assert m[name] == pytest.approx(float(v.detach()), rel=1e-12), name
+
+
 # --- metrics -------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", MODES)
 def test_every_mode_reports_the_documented_metrics_with_their_definitions(mode):
