@@ -38,7 +38,7 @@ Metrics (python floats; each a count ratio, 0 when its denominator is 0; no grad
     pos/ratio_above_clip_frac   A > 0 valid tokens whose ratio exceeds 1 + eps_high: the tokens DAPO's clip zeroes
                                 and the UP modes keep. The ratio the mode's clip sees: r, or s_i for gspo / up_gspo.
     ratio/pos_mean, ratio/pos_var   mean and population variance (divide by n) of the token ratio r over the A > 0
-    ratio/neg_mean, ratio/neg_var   valid tokens, and over the A <= 0 valid tokens (computed in float64)
+    ratio/neg_mean, ratio/neg_var   valid tokens, and over the A <= 0 valid tokens (float64; r capped at e^300)
     up/pos_token_frac           (up_grpo, up_gspo) A > 0 valid tokens / valid tokens
     up/pos_ratio_above_clip_frac  (up_grpo, up_gspo) the same number as pos/ratio_above_clip_frac
 Clip indicators ("the clip is active"):
@@ -81,6 +81,8 @@ _NO_LOWER_BOUND_OK: set = set()
 
 # verl clamps GSPO's token-form log-ratio from above (a runaway sequence ratio).
 _GSPO_LOG_RATIO_MAX = 10.0
+# the ratio summaries (ratio/*) cap log r here: e^600 and (n e^300)^2 are finite in float64
+_RATIO_STATS_LOG_MAX = 300.0
 
 
 def register_policy_loss(name: str, *, clip_low_may_exceed_one: bool = False):
@@ -103,32 +105,9 @@ def register_policy_loss(name: str, *, clip_low_may_exceed_one: bool = False):
     return deco
 
 
-def _n(b: torch.Tensor) -> torch.Tensor:
-    # count_nonzero, not .sum(): summing a bool tensor first copies it to int64 (~70x slower on CPU)
-    return torch.count_nonzero(b)
-
-
-def _count(indicator: torch.Tensor, over: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(number of tokens in `over` where `indicator`, number of tokens in `over`): bool tensors."""
-    return _n(indicator & over), _n(over)
-
-
 def _log_ratio(old_log_prob: torch.Tensor, log_prob: torch.Tensor) -> torch.Tensor:
     # log r_t = log pi_theta - log pi_old   (r_t = pi_theta / pi_old)
     return log_prob - old_log_prob
-
-
-def _ratio_sign_counts(log_ratio, pos_valid, neg_valid):
-    """ratio/{pos,neg}_{mean,var}: mean and population variance of r over the A > 0 / A <= 0 valid tokens."""
-    r = torch.exp(log_ratio.detach().double())  # float64: r^2 of a large ratio stays finite
-    out = {}
-    for sign, sel in (("pos", pos_valid), ("neg", neg_valid)):
-        n = _n(sel)
-        total = masked_sum(r, sel)
-        mean = total / n.clamp(min=1)
-        out[f"ratio/{sign}_mean"] = (total, n)                          # (1/n) sum r
-        out[f"ratio/{sign}_var"] = (masked_sum((r - mean) ** 2, sel), n)  # (1/n) sum (r - mean)^2
-    return out
 
 
 def _common_counts(log_ratio, clip_log_ratio, clipped, lower, pos, mask, clip_high):
@@ -137,24 +116,43 @@ def _common_counts(log_ratio, clip_log_ratio, clipped, lower, pos, mask, clip_hi
     (lower None: no dual clip)."""
     with torch.no_grad():
         pos_valid, neg_valid = mask & pos, mask & ~pos
-        counts = {
-            "pg_clipfrac": _count(clipped, mask),
-            "pg_clipfrac_lower": (_count(lower, mask) if lower is not None
-                                  else (torch.zeros((), dtype=torch.long, device=mask.device), _n(mask))),
-            "neg/pg_clipfrac": _count(clipped, neg_valid),
-            # ppo_kl = mean over valid tokens of (log pi_old - log pi)
-            "ppo_kl": (-masked_sum(log_ratio.detach(), mask), _n(mask)),
-            # A > 0 tokens above 1 + eps_high: those DAPO's clip zeroes, the UP modes keep
-            "pos/ratio_above_clip_frac": _count(clip_log_ratio.detach() > math.log1p(clip_high), pos_valid),
+        # A > 0 tokens above 1 + eps_high: those DAPO's clip zeroes, the UP modes keep
+        above = pos_valid & (clip_log_ratio.detach() > math.log1p(clip_high))
+        flags = [mask, pos_valid, neg_valid, clipped & mask, clipped & neg_valid, above]
+        if lower is not None:
+            flags.append(lower & mask)
+        # count_nonzero over the whole tensor, not .sum() and not count_nonzero(dim=...): both first copy the bools
+        # to int64 (~70x slower on CPU)
+        n = [torch.count_nonzero(f) for f in flags]
+        n_valid, n_pos, n_neg = n[0], n[1], n[2]
+        zero = torch.zeros((), dtype=n_valid.dtype, device=n_valid.device)
+        log_r = torch.where(mask, log_ratio.detach(), 0.0)  # padding's inf / NaN never enter
+        # sum r and sum r^2 over the A > 0 and the A <= 0 tokens, in float64; log r is capped at 300 so that every
+        # r^2 and (sum r)^2 stays finite (a ratio above e^300 enters as e^300)
+        r = torch.exp(log_r.double().clamp(max=_RATIO_STATS_LOG_MAX)).view(-1)
+        sums = []
+        for sel in (pos_valid, neg_valid):
+            r_sel = r * sel.view(-1)
+            sums.append((r_sel.sum(), torch.dot(r_sel, r_sel)))
+        # population variance (1/n) sum (r - mean)^2 = (sum r^2 - (sum r)^2 / n) / n
+        (s1_pos, s2_pos), (s1_neg, s2_neg) = sums
+        var_pos = (s2_pos - s1_pos * s1_pos / n_pos.clamp(min=1)).clamp(min=0.0)
+        var_neg = (s2_neg - s1_neg * s1_neg / n_neg.clamp(min=1)).clamp(min=0.0)
+        return {
+            "pg_clipfrac": (n[3], n_valid),
+            "pg_clipfrac_lower": (n[6] if lower is not None else zero, n_valid),
+            "neg/pg_clipfrac": (n[4], n_neg),
+            "ppo_kl": (-log_r.sum(), n_valid),  # mean over valid tokens of (log pi_old - log pi)
+            "pos/ratio_above_clip_frac": (n[5], n_pos),
+            "ratio/pos_mean": (s1_pos, n_pos), "ratio/pos_var": (var_pos, n_pos),
+            "ratio/neg_mean": (s1_neg, n_neg), "ratio/neg_var": (var_neg, n_neg),
         }
-        counts.update(_ratio_sign_counts(log_ratio, pos_valid, neg_valid))
-        return counts
 
 
-def _up_counts(counts, pos, mask):
-    with torch.no_grad():
-        counts["up/pos_token_frac"] = (_n(mask & pos), _n(mask))
-        counts["up/pos_ratio_above_clip_frac"] = counts["pos/ratio_above_clip_frac"]
+def _up_counts(counts):
+    """The up/ names: A > 0 valid tokens / valid tokens, and pos/ratio_above_clip_frac under its older name."""
+    counts["up/pos_token_frac"] = (counts["ratio/pos_mean"][1], counts["ppo_kl"][1])
+    counts["up/pos_ratio_above_clip_frac"] = counts["pos/ratio_above_clip_frac"]
     return counts
 
 
@@ -201,7 +199,7 @@ def up_grpo_loss(old_log_prob, log_prob, advantages, mask, *, clip_ratio_low, cl
     loss = _up_split(log_prob, advantages, pos, _dual_clip_neg(log_ratio, advantages, clip_ratio_low, clip_ratio_c))
     ind, lower = _dual_clip_indicators(log_ratio, pos, advantages < 0, clip_ratio_low, clip_ratio_high,
                                        clip_ratio_c, count_pos=False)
-    return loss, _up_counts(_common_counts(log_ratio, log_ratio, ind, lower, pos, mask, clip_ratio_high), pos, mask)
+    return loss, _up_counts(_common_counts(log_ratio, log_ratio, ind, lower, pos, mask, clip_ratio_high))
 
 
 def gspo_token_log_ratio(old_log_prob: torch.Tensor, log_prob: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -248,7 +246,7 @@ def up_gspo_loss(old_log_prob, log_prob, advantages, mask, *, clip_ratio_low, cl
         ind = (pg_losses2 > pg_losses1) & ~pos  # GSPO's clip, on the negative branch only
     # the baseline here is GSPO: the ratio it would have clipped is the sequence ratio
     counts = _common_counts(log_prob.detach() - old_log_prob, seq_log_ratio, ind, None, pos, mask, clip_ratio_high)
-    return loss, _up_counts(counts, pos, mask)
+    return loss, _up_counts(counts)
 
 
 @register_policy_loss("topr")
