@@ -205,14 +205,21 @@ def test_bad_arms_and_options_are_named():
 
 
 # --- inside the loss -----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("arm", ["tis", "icepop", "seq_mask_is"])
+@pytest.mark.parametrize("arm", ["tis", "icepop", "seq_mask_is", "routing_mask"])
 @pytest.mark.parametrize("mode", ["vanilla", "up_grpo", "topr", "cispo"])
 def test_correction_weights_scale_each_tokens_loss_and_gradient(arm, mode):
     tr, ro, mask = _log_probs(seed=5, spread=0.6, pad=0.0)
     old = tr + 0.3 * torch.randn(tr.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     adv = torch.randn(tr.shape[0], 1, generator=torch.Generator().manual_seed(2), dtype=torch.float64).expand_as(tr)
-    opts = {"low": 0.5, "high": 2.0} if arm == "seq_mask_is" else {}
-    u, _ = apply_correction(arm, mask, trainer_log_prob=old, rollout_log_prob=ro, **opts)
+    if arm == "routing_mask":
+        train, rollout, _, _ = _routing(b=tr.shape[0], t=tr.shape[1], seed=3)
+        u, _ = apply_correction(arm, mask, train_routing=train, rollout_routing=rollout, advantages=adv, alpha=0.5,
+                                only_negative=True)
+        u = u.double()
+    else:
+        opts = {"low": 0.8, "high": 1.1} if arm == "seq_mask_is" else {}  # keeps 1 of 5 sequences
+        u, _ = apply_correction(arm, mask, trainer_log_prob=old, rollout_log_prob=ro, **opts)
+    assert torch.any((u != 1) & mask) and torch.any((u != 0) & mask)  # the arm changed some weights, not all
     x = tr.clone().requires_grad_()
     loss, _ = compute_policy_loss(old, x, adv.contiguous(), mask, loss_mode=mode, token_weights=u)
     loss.backward()
