@@ -253,7 +253,7 @@ def up_gspo_loss(old_log_prob, log_prob, advantages, mask, *, clip_ratio_low, cl
 def topr_loss(old_log_prob, log_prob, advantages, mask, *, clip_ratio_low, clip_ratio_high, clip_ratio_c):
     """TOPR: A > 0 tokens -A log pi (no IS); A <= 0 tokens -sg(clamp(r, 0, 1)) A log pi with the token ratio r
     (ROLL's choice; module docstring). The clip arguments are used by the metrics only."""
-    log_ratio = _log_ratio(old_log_prob, log_prob)
+    log_ratio = _log_ratio(old_log_prob, log_prob.detach())  # the ratio carries no gradient here
     pos = advantages > 0
     with torch.no_grad():
         # sg(clamp(r, 0, 1)) = exp(min(log r, 0))   (r > 0: the lower clamp never binds)
@@ -268,7 +268,7 @@ def topr_loss(old_log_prob, log_prob, advantages, mask, *, clip_ratio_low, clip_
 @register_policy_loss("cispo", clip_low_may_exceed_one=True)
 def cispo_loss(old_log_prob, log_prob, advantages, mask, *, clip_ratio_low, clip_ratio_high, clip_ratio_c):
     """CISPO: -sg(clip(r, 1-eps_low, 1+eps_high)) A log pi on every token; clip_ratio_low >= 1 = no lower bound."""
-    log_ratio = _log_ratio(old_log_prob, log_prob)
+    log_ratio = _log_ratio(old_log_prob, log_prob.detach())  # the ratio carries no gradient here
     log_lo = math.log(1.0 - clip_ratio_low) if clip_ratio_low < 1.0 else -math.inf
     log_hi = math.log1p(clip_ratio_high)
     with torch.no_grad():
