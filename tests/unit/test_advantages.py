@@ -1,6 +1,6 @@
 """GRPO group advantages, DAPO dynamic sampling and overlong shaping, KL estimators, entropy, masked helpers."""
 import math
-from collections import defaultdict
+import statistics
 
 import pytest
 import torch
@@ -18,25 +18,20 @@ from upgrpo_megatron.losses import (
 )
 
 
-def verl_grpo_outcome_advantage(scores, index, epsilon=1e-6, norm_adv_by_std_in_grpo=True):
-    """verl's compute_grpo_outcome_advantage, per-response part (transcribed as an oracle; the singleton group's
-    constants take the scores' dtype, where verl makes them float32)."""
-    scores = scores.clone()
-    id2score, id2mean, id2std = defaultdict(list), {}, {}
-    for i in range(scores.shape[0]):
-        id2score[index[i]].append(scores[i])
-    for idx in id2score:
-        if len(id2score[idx]) == 1:
-            id2mean[idx], id2std[idx] = torch.tensor(0.0, dtype=scores.dtype), torch.tensor(1.0, dtype=scores.dtype)
+def grpo_advantage_oracle(rewards, group, epsilon=1e-6, norm_by_std=True):
+    """From GRPO's definition, one response at a time: A_i = (r_i - mean_g) / (std_g + eps), std_g the unbiased
+    standard deviation of the rewards of i's group g. compute_grpo_advantages' documented conventions: a group of
+    one has mean 0 and std 1; an all-equal group with eps = 0 has no signal (0, not 0/0)."""
+    rs, gs = [float(r) for r in rewards], [int(x) for x in group]
+    out = []
+    for r, g in zip(rs, gs):
+        members = [x for x, h in zip(rs, gs) if h == g]
+        mean, std = (0.0, 1.0) if len(members) == 1 else (statistics.fmean(members), statistics.stdev(members))
+        if not norm_by_std:
+            out.append(r - mean)
         else:
-            t = torch.stack(id2score[idx])
-            id2mean[idx], id2std[idx] = torch.mean(t), torch.std(t)
-    for i in range(scores.shape[0]):
-        if norm_adv_by_std_in_grpo:
-            scores[i] = (scores[i] - id2mean[index[i]]) / (id2std[index[i]] + epsilon)
-        else:
-            scores[i] = scores[i] - id2mean[index[i]]
-    return scores
+            out.append((r - mean) / (std + epsilon) if std + epsilon > 0 else 0.0)
+    return torch.tensor(out, dtype=torch.float64)
 
 
 def test_grpo_advantage_is_group_normalised():
@@ -59,13 +54,12 @@ def test_single_response_group_keeps_its_reward():
 @settings(max_examples=25, deadline=None)
 @given(n_groups=st.integers(1, 5), group_size=st.integers(1, 6), seed=st.integers(0, 10_000),
        norm=st.booleans(), eps=st.sampled_from([0.0, 1e-6]))
-def test_property_grpo_advantages_match_verls_loop(n_groups, group_size, seed, norm, eps):
+def test_property_grpo_advantages_match_the_definition(n_groups, group_size, seed, norm, eps):
     g = torch.Generator().manual_seed(seed)
     rewards = torch.randint(0, 3, (n_groups * group_size,), generator=g).double() / 2
     group = torch.arange(n_groups).repeat_interleave(group_size)[torch.randperm(n_groups * group_size, generator=g)]
     ours = compute_grpo_advantages(rewards, group, norm_by_std=norm, epsilon=eps)
-    ref = verl_grpo_outcome_advantage(rewards, group.tolist(), epsilon=eps, norm_adv_by_std_in_grpo=norm)
-    ref = torch.nan_to_num(ref, nan=0.0)  # verl divides 0 by 0 for an all-equal group with eps = 0; we give 0
+    ref = grpo_advantage_oracle(rewards, group, epsilon=eps, norm_by_std=norm)
     assert ours.dtype == torch.float64  # float64 rewards stay float64
     torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
 

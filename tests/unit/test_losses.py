@@ -1,16 +1,9 @@
-"""UP-GRPO and the baselines: the seed's gradient identities, the seed's and verl's code as oracles, aggregation,
-gradient accumulation, GSPO, bad input. All float64 unless a test says otherwise."""
+"""UP-GRPO and the baselines: the UP-GRPO post's gradient identities, agreement between modes, aggregation,
+gradient accumulation, GSPO, bad input. All float64 unless a test says otherwise. The oracles written from each
+mode's equation are in test_losses_equations.py."""
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from tests.unit.test_losses_oracle import (
-    seed_compute_policy_loss,
-    up_gspo_oracle,
-    verl_gspo_policy_loss,
-    verl_vanilla_policy_loss,
-)
 from upgrpo_megatron.losses import (
     AGG_MODES,
     POLICY_LOSSES,
@@ -22,9 +15,7 @@ from upgrpo_megatron.losses import (
 )
 
 CLIP = dict(clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0)
-MODES = ("vanilla", "up_grpo", "gspo", "up_gspo")
-# verl's masked_mean divides by (count + 1e-8): relative differences up to 1e-8 / count against our exact division
-ORACLE_TOL = dict(rtol=2e-8, atol=1e-12)
+MODES = ("vanilla", "up_grpo", "gspo", "up_gspo", "topr", "cispo")
 
 
 def _inputs(b=4, t=7, seed=0, dtype=torch.float64, adv=None, spread=0.4):
@@ -35,7 +26,7 @@ def _inputs(b=4, t=7, seed=0, dtype=torch.float64, adv=None, spread=0.4):
     lp = (old + spread * torch.randn(b, t, generator=g, dtype=dtype)).clamp(max=0)
     a = torch.randn(b, 1, generator=g, dtype=dtype).expand(b, t).clone() if adv is None else adv
     mask = (torch.rand(b, t, generator=g) > 0.3).to(dtype)
-    mask[:, 0] = 1  # verl's seq-mean modes of the seed's era divide by each row's count
+    mask[:, 0] = 1  # every row has a valid token
     return old, lp, a, mask
 
 
@@ -50,7 +41,7 @@ def _loss(mode, agg="token-mean", **kw):
                                                          **{**CLIP, **kw})[0]
 
 
-# --- the seed's identities ---------------------------------------------------------------------------------------
+# --- the post's identities -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("agg", AGG_MODES)
 def test_positive_branch_gradient_equals_aw_sft_for_any_old_log_prob(agg):
     old, lp, _, mask = _inputs()
@@ -75,8 +66,8 @@ def test_non_positive_advantages_are_bit_identical_to_vanilla(agg):
     gv = _grad(lambda x: _loss("vanilla", agg)(old, x, adv, mask), lp)
     gu = _grad(lambda x: _loss("up_grpo", agg)(old, x, adv, mask), lp)
     assert torch.equal(gv, gu)
-    for k in ("pg_clipfrac", "pg_clipfrac_lower", "ppo_kl"):
-        assert mv[k] == mu[k]
+    for k in mv:  # every metric vanilla reports (clip fractions, ppo_kl, ratio summaries) is the same
+        assert mv[k] == mu[k], k
     assert mv["pg_clipfrac"] > 0 and mv["pg_clipfrac_lower"] > 0  # the comparison exercised both clips
 
 
@@ -104,98 +95,6 @@ def test_non_finite_log_probs_under_the_mask_do_not_leak(mode):
     assert all(v == v for v in metrics.values())  # no NaN metric
 
 
-# --- oracles ------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("agg", AGG_MODES)
-def test_up_grpo_agrees_with_the_seeds_appendix_code(agg):
-    for seed in range(4):
-        old, lp, adv, mask = _inputs(b=6, t=9, seed=seed, spread=1.0)
-        adv[0, :] = 0.0
-        ours = _loss("up_grpo", agg)
-        def theirs(o, x, a, m):
-            return seed_compute_policy_loss(o, x, a, m, cliprange_low=0.2, cliprange_high=0.28, clip_ratio_c=3.0,
-                                            loss_agg_mode=agg)[0]
-        torch.testing.assert_close(ours(old, lp, adv, mask), theirs(old, lp, adv, mask), **ORACLE_TOL)
-        torch.testing.assert_close(_grad(lambda x: ours(old, x, adv, mask), lp),
-                                   _grad(lambda x: theirs(old, x, adv, mask), lp), **ORACLE_TOL)
-        _, m = compute_policy_loss(old, lp, adv, mask, loss_mode="up_grpo", loss_agg_mode=agg, **CLIP)
-        _, clipfrac, kl, lower = seed_compute_policy_loss(old, lp, adv, mask, cliprange_low=0.2, cliprange_high=0.28,
-                                                          clip_ratio_c=3.0, loss_agg_mode=agg)
-        assert m["pg_clipfrac"] == pytest.approx(float(clipfrac), rel=2e-8)
-        assert m["ppo_kl"] == pytest.approx(float(kl), rel=2e-8)
-        assert m["pg_clipfrac_lower"] == pytest.approx(float(lower), rel=2e-8, abs=1e-12)
-
-
-@pytest.mark.parametrize("agg", AGG_MODES)
-def test_vanilla_agrees_with_verls_dual_clip_loss(agg):
-    for seed in range(4):
-        old, lp, adv, mask = _inputs(b=6, t=9, seed=seed, spread=1.0)
-        ours = _loss("vanilla", agg)
-        theirs = lambda o, x, a, m: verl_vanilla_policy_loss(o, x, a, m, 0.2, 0.28, 3.0, agg)[0]  # noqa: E731
-        torch.testing.assert_close(ours(old, lp, adv, mask), theirs(old, lp, adv, mask), **ORACLE_TOL)
-        torch.testing.assert_close(_grad(lambda x: ours(old, x, adv, mask), lp),
-                                   _grad(lambda x: theirs(old, x, adv, mask), lp), **ORACLE_TOL)
-        _, m = compute_policy_loss(old, lp, adv, mask, loss_mode="vanilla", loss_agg_mode=agg, **CLIP)
-        _, clipfrac, kl, lower = verl_vanilla_policy_loss(old, lp, adv, mask, 0.2, 0.28, 3.0, agg)
-        assert m["pg_clipfrac"] == pytest.approx(float(clipfrac), rel=2e-8)
-        assert m["ppo_kl"] == pytest.approx(float(kl), rel=2e-8)
-        assert m["pg_clipfrac_lower"] == pytest.approx(float(lower), rel=2e-8, abs=1e-12)
-
-
-@pytest.mark.parametrize("agg", AGG_MODES)
-def test_gspo_and_up_gspo_agree_with_verls_gspo(agg):
-    for seed in range(4):
-        old, lp, adv, mask = _inputs(b=6, t=9, seed=seed, spread=0.3)
-        ours = _loss("gspo", agg)
-        theirs = lambda o, x, a, m: verl_gspo_policy_loss(o, x, a, m, 0.2, 0.28, agg)[0]  # noqa: E731
-        torch.testing.assert_close(ours(old, lp, adv, mask), theirs(old, lp, adv, mask), **ORACLE_TOL)
-        torch.testing.assert_close(_grad(lambda x: ours(old, x, adv, mask), lp),
-                                   _grad(lambda x: theirs(old, x, adv, mask), lp), **ORACLE_TOL)
-        _, m = compute_policy_loss(old, lp, adv, mask, loss_mode="gspo", loss_agg_mode=agg, **CLIP)
-        _, clipfrac, kl, _ = verl_gspo_policy_loss(old, lp, adv, mask, 0.2, 0.28, agg)
-        assert m["pg_clipfrac"] == pytest.approx(float(clipfrac), rel=2e-8, abs=1e-12)
-        assert m["ppo_kl"] == pytest.approx(float(kl), rel=2e-8)
-        up = _loss("up_gspo", agg)
-        up_ref = lambda o, x, a, m: up_gspo_oracle(o, x, a, m, 0.2, 0.28, agg)  # noqa: E731
-        torch.testing.assert_close(up(old, lp, adv, mask), up_ref(old, lp, adv, mask), **ORACLE_TOL)
-        torch.testing.assert_close(_grad(lambda x: up(old, x, adv, mask), lp),
-                                   _grad(lambda x: up_ref(old, x, adv, mask), lp), **ORACLE_TOL)
-
-
-@settings(max_examples=30, deadline=None)
-@given(b=st.integers(1, 5), t=st.integers(1, 8), seed=st.integers(0, 10_000), spread=st.sampled_from([0.1, 0.5, 2.0]),
-       mode=st.sampled_from(MODES), agg=st.sampled_from(AGG_MODES))
-def test_property_every_mode_matches_its_oracle_on_random_shapes_and_masks(b, t, seed, spread, mode, agg):
-    g = torch.Generator().manual_seed(seed)
-    old = -torch.rand(b, t, generator=g, dtype=torch.float64) * 4
-    lp = old + spread * torch.randn(b, t, generator=g, dtype=torch.float64)
-    # advantages of every sign, exact zeros included, per token (GSPO-token allows that)
-    adv = torch.randint(-1, 2, (b, t), generator=g).double() * torch.rand(b, t, generator=g, dtype=torch.float64)
-    mask = (torch.rand(b, t, generator=g) > 0.5).double()
-    first = torch.randint(0, t, (b,), generator=g)
-    mask[torch.arange(b), first] = 1  # every row has >= 1 token; with t = 1 or a sparse draw, exactly one
-    oracle = {
-        "up_grpo": lambda x: seed_compute_policy_loss(old, x, adv, mask, cliprange_low=0.2, cliprange_high=0.28,
-                                                      clip_ratio_c=3.0, loss_agg_mode=agg)[0],
-        "vanilla": lambda x: verl_vanilla_policy_loss(old, x, adv, mask, 0.2, 0.28, 3.0, agg)[0],
-        "gspo": lambda x: verl_gspo_policy_loss(old, x, adv, mask, 0.2, 0.28, agg)[0],
-        "up_gspo": lambda x: up_gspo_oracle(old, x, adv, mask, 0.2, 0.28, agg),
-    }[mode]
-    if mode == "up_grpo":  # the seed does not clamp the log-ratio; verl's +-20 clamp must not be reached here
-        assert (lp - old).abs().max() < 20
-    x = lp.clone().requires_grad_()
-    loss, metrics = compute_policy_loss(old, x, adv, mask, loss_mode=mode, loss_agg_mode=agg, **CLIP)
-    loss.backward()
-    torch.testing.assert_close(loss, oracle(lp), **ORACLE_TOL)
-    torch.testing.assert_close(x.grad, _grad(oracle, lp), **ORACLE_TOL)
-    assert torch.all(x.grad[mask == 0] == 0)
-    assert 0.0 <= metrics["pg_clipfrac"] <= 1.0 and 0.0 <= metrics["pg_clipfrac_lower"] <= 1.0
-    if mode.startswith("up_"):  # positive tokens: exactly the AW-SFT gradient, whatever the ratio
-        pos = (adv > 0) & (mask > 0)
-        y = lp.clone().requires_grad_()
-        agg_loss(-adv * y * pos, mask, agg).backward()
-        torch.testing.assert_close(x.grad[pos], y.grad[pos], rtol=1e-10, atol=1e-12)
-
-
 # --- metrics ------------------------------------------------------------------------------------------------------
 def test_up_metrics_count_positive_tokens_and_those_the_baseline_would_clip():
     old = torch.zeros(1, 4, dtype=torch.float64)
@@ -205,6 +104,7 @@ def test_up_metrics_count_positive_tokens_and_those_the_baseline_would_clip():
     _, m = compute_policy_loss(old, lp, adv, mask, loss_mode="up_grpo", **CLIP)
     assert m["up/pos_token_frac"] == pytest.approx(3 / 4)
     assert m["up/pos_ratio_above_clip_frac"] == pytest.approx(1 / 3)  # only 1.5 > 1.28 among positives
+    assert m["pos/ratio_above_clip_frac"] == m["up/pos_ratio_above_clip_frac"]
     assert m["pg_clipfrac"] == 0.0  # the one negative token has r = 2 in (0.8, 3): unclipped
     # up_gspo's baseline clips the *sequence* ratio: exp(mean log r over the 3 valid tokens) = (1.5*1*1.1)^(1/3)
     mask3 = torch.tensor([[1.0, 1.0, 1.0, 0.0]], dtype=torch.float64)
@@ -214,15 +114,19 @@ def test_up_metrics_count_positive_tokens_and_those_the_baseline_would_clip():
 
 
 def test_clip_fractions_count_each_clip():
-    """Hand-made ratios, one per clip region; vanilla averages over valid tokens, up_grpo over A <= 0 tokens."""
+    """Hand-made ratios, one per clip region; every mode divides pg_clipfrac and pg_clipfrac_lower by all valid
+    tokens, and neg/pg_clipfrac by the A <= 0 tokens."""
     r = torch.tensor([[0.5, 1.0, 4.0, 1.5, 0.9, 1.0]], dtype=torch.float64)
     adv = torch.tensor([[-1.0, -1.0, -1.0, 1.0, 1.0, 0.0]], dtype=torch.float64)
     old, mask = torch.zeros_like(r), torch.ones_like(r)
     _, mv = compute_policy_loss(old, r.log(), adv, mask, loss_mode="vanilla", **CLIP)
     # clipped: A<0 & r<0.8 (0.5), A>0 & r>1.28 (1.5) -> 2 of 6; dual clip: A<0 & r>3 (4.0) -> 1 of 6
     assert mv["pg_clipfrac"] == pytest.approx(2 / 6) and mv["pg_clipfrac_lower"] == pytest.approx(1 / 6)
+    assert mv["neg/pg_clipfrac"] == pytest.approx(1 / 4)  # 0.5 among the A <= 0 tokens 0.5, 1.0, 4.0, 1.0
+    # up_grpo does not clip the positive 1.5: 1 of 6 (it used to report 1/4, dividing by the A <= 0 tokens only)
     _, mu = compute_policy_loss(old, r.log(), adv, mask, loss_mode="up_grpo", **CLIP)
-    assert mu["pg_clipfrac"] == pytest.approx(1 / 4) and mu["pg_clipfrac_lower"] == pytest.approx(1 / 4)
+    assert mu["pg_clipfrac"] == pytest.approx(1 / 6) and mu["pg_clipfrac_lower"] == pytest.approx(1 / 6)
+    assert mu["neg/pg_clipfrac"] == pytest.approx(1 / 4)
     assert mu["ppo_kl"] == pytest.approx(float(-r.log().mean()))
 
 
