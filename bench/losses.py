@@ -1,5 +1,6 @@
-"""UP-GRPO policy loss, forward + backward: ours (`compute_policy_loss(loss_mode="up_grpo")`) vs the seed's
-appendix implementation (transcribed in tests/unit/test_losses_oracle.py, with verl's masked_mean/agg_loss).
+"""UP-GRPO policy loss, forward + backward: ours (`compute_policy_loss(loss_mode="up_grpo")`) vs the UP-GRPO
+post's literal form (three products, a max, a min and two wheres, no clamp of the log-ratio:
+`literal_up_grpo_loss` in tests/unit/loss_equations.py).
 
 Both get the same inputs ([batch, response_len] old/new log-probs, per-sequence advantages of both signs, a ragged
 response mask in the inputs' dtype) and do the same work a trainer does per micro-batch: the loss, its backward to
@@ -36,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from bench.common import record  # noqa: E402
-from tests.unit.test_losses_oracle import seed_compute_policy_loss  # noqa: E402
+from tests.unit.loss_equations import literal_up_grpo_loss  # noqa: E402
 from upgrpo_megatron.losses import compute_policy_loss  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -63,8 +64,7 @@ def ours(old, lp, adv, mask):
 
 
 def theirs(old, lp, adv, mask):
-    loss, *metrics = seed_compute_policy_loss(old, lp, adv, mask, cliprange_low=CLIP["clip_low"],
-                                              cliprange_high=CLIP["clip_high"], clip_ratio_c=CLIP["clip_c"])
+    loss, *metrics = literal_up_grpo_loss(old, lp, adv, mask, CLIP["clip_low"], CLIP["clip_high"], CLIP["clip_c"])
     loss.backward()
     return [float(m.detach()) for m in metrics]  # the actor logs them as floats (verl: .detach().item())
 

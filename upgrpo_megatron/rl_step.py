@@ -91,6 +91,8 @@ class RLStep:
             with timer(m, "diagnostics"):
                 diag = self.diagnostics.rollout_vs_train(batch, step=step)
                 m.update(diag)
+        if cfg.correction.mode != "none":
+            m.update(self._correction(batch))
         if cfg.algorithm.old_log_prob == "rollout":
             # bypass mode (verl rollout correction, slime --use-rollout-logprobs): the loss's ratio is
             # pi_theta / pi_rollout, so the train-inference mismatch enters it
@@ -156,6 +158,23 @@ class RLStep:
         if "replay" in local:
             batch["replay"] = gather_rows(local["replay"], n, dp.size, dp.group)
 
+    def _correction(self, batch: Batch) -> Dict[str, float]:
+        """Per-token weights from the engine-vs-trainer ratio w = pi_old(trainer) / pi_rollout, or from the two
+        routings (correction.mode); they multiply the per-token policy loss."""
+        from upgrpo_megatron.losses import apply_correction
+
+        c = self.cfg.correction
+        options = {"tis": dict(cap=c.tis_cap), "icepop": dict(low=c.icepop_low, high=c.icepop_high),
+                   "seq_mask_is": dict(low=c.seq_low, high=c.seq_high),
+                   "routing_mask": dict(min_layers=c.routing_min_layers, alpha=c.routing_weight,
+                                        only_negative=c.routing_only_negative)}[c.mode]
+        weights, metrics = apply_correction(
+            c.mode, batch["response_mask"], trainer_log_prob=batch["old_log_prob"],
+            rollout_log_prob=batch["rollout_log_prob"], train_routing=batch["routing"],
+            rollout_routing=batch["rollout_routing"], advantages=batch["advantages"], **options)
+        batch["correction_weight"] = weights
+        return {f"correction/{k}": v for k, v in metrics.items()}
+
     def _ref_log_prob(self, batch: Batch) -> None:
         n, dp = batch["input_ids"].shape[0], self.dp
         rows = dp_rows(n, dp.rank, dp.size)
@@ -171,7 +190,8 @@ class RLStep:
             loss, lm = compute_policy_loss(
                 mb["old_log_prob"], log_prob, mb["advantages"], mb["response_mask"], loss_mode=alg.loss_mode,
                 clip_ratio_low=alg.clip_ratio_low, clip_ratio_high=alg.clip_ratio_high,
-                clip_ratio_c=alg.clip_ratio_c, loss_agg_mode=alg.loss_agg_mode, **normaliser)
+                clip_ratio_c=alg.clip_ratio_c, loss_agg_mode=alg.loss_agg_mode,
+                token_weights=mb.get("correction_weight"), **normaliser)
             # pg_loss is logged per token of this micro-batch (the aggregated loss is scaled by the global count)
             local_tokens = float(mb["response_mask"].sum())
             scale = normaliser["global_token_count"] / local_tokens if local_tokens else 0.0
@@ -222,7 +242,7 @@ class RLStep:
                 for k, v in sm.items():
                     collected.setdefault(k, []).append(v)
                     if n_update > 0 and k in LATE_METRICS:  # r == 1 in the first update (pi_old = pi_theta)
-                        collected.setdefault(f"actor_late/{k.split('/', 1)[1]}", []).append(v)
+                        collected.setdefault(f"late/{k}", []).append(v)
                 n_update += 1
         for k, v in collected.items():
             vals = [x for x in v if x is not None and math.isfinite(x)]
@@ -240,8 +260,9 @@ class RLStep:
 
 
 # update metrics that are trivial in a step's first update when pi_old is the trainer's (r == 1 there): also
-# logged over the later updates only, as actor_late/*
-LATE_METRICS = ("actor/pg_clipfrac", "actor/pg_clipfrac_lower", "actor/ppo_kl", "up/pos_ratio_above_clip_frac")
+# logged over the later updates only, as late/<name>
+LATE_METRICS = ("actor/pg_clipfrac", "actor/pg_clipfrac_lower", "actor/ppo_kl", "up/pos_ratio_above_clip_frac",
+                "pos/ratio_above_clip_frac", "neg/pg_clipfrac", "ratio/pos_var", "ratio/neg_var")
 
 
 def _normaliser(mask: torch.Tensor) -> Dict[str, float]:

@@ -135,6 +135,21 @@ class AlgorithmConfig:
 
 
 @dataclass
+class CorrectionConfig:
+    """Train-inference correction applied to w = pi_trainer / pi_rollout (losses/correction.py)."""
+
+    mode: str = "none"                 # none | tis | icepop | seq_mask_is | routing_mask
+    tis_cap: float = 2.0               # tis: token weight min(w, C)
+    icepop_low: float = 0.5            # icepop: tokens with w outside [low, high] get weight 0
+    icepop_high: float = 5.0
+    seq_low: float = 0.999             # seq_mask_is: sequences whose geometric-mean w is outside [low, high]
+    seq_high: float = 1.001
+    routing_min_layers: int = 1        # routing_mask: tokens routed differently in >= this many MoE layers ...
+    routing_weight: float = 0.0        # ... get this weight (0: dropped)
+    routing_only_negative: bool = False  # ... and only when A <= 0
+
+
+@dataclass
 class ActorConfig:
     lr: float = 1e-6
     lr_warmup_steps: int = 0
@@ -185,6 +200,7 @@ class RecipeConfig:
     sft_warmup: SFTWarmupConfig = field(default_factory=SFTWarmupConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    correction: CorrectionConfig = field(default_factory=CorrectionConfig)
     actor: ActorConfig = field(default_factory=ActorConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)

@@ -29,7 +29,7 @@ def choices() -> Dict[str, Tuple[str, ...]]:
     """Allowed values of every name-valued key, read from the registries."""
     from upgrpo_megatron.convert.hf_io import SUPPORTED
     from upgrpo_megatron.data.rewards import REWARDS
-    from upgrpo_megatron.losses import AGG_MODES, KL_ESTIMATORS, POLICY_LOSSES
+    from upgrpo_megatron.losses import AGG_MODES, CORRECTIONS, KL_ESTIMATORS, POLICY_LOSSES
     from upgrpo_megatron.router_replay import ROUTER_REPLAY
 
     return {
@@ -40,6 +40,7 @@ def choices() -> Dict[str, Tuple[str, ...]]:
         "algorithm.loss_agg_mode": tuple(AGG_MODES),
         "algorithm.kl_loss_type": tuple(KL_ESTIMATORS),
         "algorithm.router_replay": tuple(ROUTER_REPLAY),
+        "correction.mode": tuple(CORRECTIONS),
     }
 
 
@@ -53,7 +54,8 @@ POSITIVE = [
     "rollout.temperature",
     "actor.ppo_epochs", "actor.ppo_mini_batch_size", "actor.micro_batch_size", "actor.max_bad_steps",
     "trainer.total_steps", "trainer.prompts_per_step", "trainer.save_every", "trainer.keep_checkpoints",
-    "diagnostics.save_every", "rollout.sync_every",
+    "diagnostics.save_every", "rollout.sync_every", "correction.tis_cap", "correction.icepop_high",
+    "correction.seq_high", "correction.routing_min_layers",
 ]
 NON_NEGATIVE = [
     "model.moe_aux_loss_coeff", "model.first_k_dense_layers", "model.shared_expert_ffn_hidden_size",
@@ -62,6 +64,7 @@ NON_NEGATIVE = [
     "algorithm.overlong_penalty_factor", "algorithm.kl_loss_coef", "algorithm.entropy_coeff", "actor.lr",
     "actor.lr_warmup_steps", "actor.min_lr", "actor.weight_decay", "actor.grad_clip", "trainer.eval_every",
     "diagnostics.log_prob_diff_threshold", "trainer.samples_per_step", "rollout.router_noise",
+    "correction.icepop_low", "correction.seq_low", "correction.routing_weight",
 ]
 
 
@@ -103,6 +106,13 @@ def _check_sampling_and_clipping(cfg: RecipeConfig, where: str) -> None:
         _fail("algorithm.clip_ratio_low", a.clip_ratio_low, where, "must be < 1")
     if not a.clip_ratio_c > 1:
         _fail("algorithm.clip_ratio_c", a.clip_ratio_c, where, "the dual-clip bound must be > 1")
+    c = cfg.correction
+    if c.icepop_low >= c.icepop_high:
+        _fail("correction.icepop_low", c.icepop_low, where, f"must be < correction.icepop_high={c.icepop_high}")
+    if c.seq_low >= c.seq_high:
+        _fail("correction.seq_low", c.seq_low, where, f"must be < correction.seq_high={c.seq_high}")
+    if c.mode == "routing_mask" and not r.capture_routing:
+        _fail("correction.mode", c.mode, where, "needs the engine's routing: set rollout.capture_routing=true")
     if a.overlong_buffer_len >= d.max_response_length:
         _fail("algorithm.overlong_buffer_len", a.overlong_buffer_len, where,
               f"must be < data.max_response_length={d.max_response_length} (the penalty starts at the difference)")
