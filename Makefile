@@ -24,8 +24,14 @@ $(STAMP): setup.py
 	$(PY) -c "import torch, megatron.core, vllm, transformers; print('stack ok: torch', torch.__version__, '| megatron-core', megatron.core.__version__, '| vllm', vllm.__version__, '| transformers', transformers.__version__)"
 	touch $(STAMP)
 
+# One process runs as plain python (a world of one, the same code): Ctrl-C then prints our "stopped" line only.
+# Under torchrun, torchrun adds its own SignalException report after forwarding the signal to the ranks.
 train: $(STAMP)
+ifeq ($(NPROC),1)
+	$(PY) tools/train_moe.py $(RECIPE) $(ARGS)
+else
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) tools/train_moe.py $(RECIPE) $(ARGS)
+endif
 
 test: $(STAMP)
 	$(PY) -m pytest tests $(PYTEST_ARGS)

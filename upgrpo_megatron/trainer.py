@@ -8,7 +8,9 @@ the model and optimizer (torchtitan's `Stateful` trainer).
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import time
 from typing import Dict, Optional
 
@@ -216,7 +218,16 @@ class Trainer:
 
     # --------------------------------------------------------------------------------------- signals
     def _on_signal(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self._stop_signal is not None:  # a second signal: the user will not wait for the step to finish
+            if self.rank == 0:
+                print(f"\n{name} again: stopping now without a new checkpoint (the newest complete one is kept in "
+                      f"{self.run_dir.checkpoints})", file=sys.stderr, flush=True)
+            os._exit(128 + signum)  # engine processes die with this one (rollout/vllm_plugin.py)
         self._stop_signal = signum
+        if self.rank == 0:
+            print(f"\n{name} received: finishing the current step, then saving a checkpoint "
+                  f"({name} again to stop at once)", file=sys.stderr, flush=True)
 
     def _stop_requested(self) -> bool:
         """True on every rank once any rank got SIGTERM/SIGINT (ranks must stop at the same point)."""
@@ -268,8 +279,8 @@ class Trainer:
                 if self.rank == 0:
                     print(f"val/acc after SFT warm-up: {m['val/acc']:.3f}", flush=True)
                 self._save_checkpoint()
-            self._loop()
-            self._finish(time.time() - t_start)
+            if self._loop():
+                self._finish(time.time() - t_start)
         finally:
             for s, h in prev.items():
                 signal.signal(s, h)
@@ -277,7 +288,8 @@ class Trainer:
             if self.metrics is not None:
                 self.metrics.close()
 
-    def _loop(self):
+    def _loop(self) -> bool:
+        """The RL steps; False when a signal stopped them (the state is saved), True when all ran."""
         from upgrpo_megatron.progress import progress
 
         t = self.cfg.trainer
@@ -303,7 +315,8 @@ class Trainer:
             if stop_reason:
                 raise TrainingStopped(stop_reason)
             if self._stop_on_signal(f"after step {self.step}"):
-                return
+                return False
+        return True
 
     def _finish(self, seconds: float):
         t = self.cfg.trainer

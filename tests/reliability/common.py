@@ -26,12 +26,16 @@ FAST = ["sft_warmup.steps=20", "trainer.prompts_per_step=4", "rollout.n=4", "act
 class Trainer:
     """One `torchrun tools/train_moe.py` process tree in its own session; output goes to a log file."""
 
-    def __init__(self, run_dir: Path, *overrides: str, log: Path, faults: str = "", nproc: int = 1):
+    def __init__(self, run_dir: Path, *overrides: str, log: Path, faults: str = "", nproc: int = 1,
+                 launcher: str = "torchrun"):
+        """launcher: "torchrun" (any nproc) or "python" (a world of one, what `make train` runs)."""
         env = dict(os.environ, OMP_NUM_THREADS="1", UPGRPO_NO_PROGRESS="1", PYTHONUNBUFFERED="1")
         if faults:
             env["UPGRPO_FAULTS"] = faults
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(ROOT / "tools" / "train_moe.py"), str(RECIPE), f"trainer.run_dir={run_dir}", *FAST, *overrides]
+        launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                  if launcher == "torchrun" else [sys.executable])
+        cmd = [*launch, str(ROOT / "tools" / "train_moe.py"), str(RECIPE), f"trainer.run_dir={run_dir}", *FAST,
+               *overrides]
         self.log = Path(log)
         self._fh = open(self.log, "w")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self._fh, stderr=subprocess.STDOUT,
@@ -59,6 +63,16 @@ class Trainer:
                 return
         raise AssertionError("no trainer rank found to signal")
 
+    def engine_pids(self) -> List[int]:
+        """The vLLM processes (EngineCore, workers) under this launch."""
+        import psutil
+
+        try:
+            tree = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+        return [p.pid for p in tree if _name(p).startswith("VLLM")]
+
     def kill_all(self) -> None:
         """SIGKILL the whole tree: torchrun, its ranks and the engine processes (like a node failure).
         torchrun starts each rank in a session of its own, so killing torchrun's process group is not enough."""
@@ -83,6 +97,13 @@ class Trainer:
         except subprocess.TimeoutExpired:
             pass
         self._fh.close()
+
+
+def _name(p) -> str:
+    try:
+        return p.name()
+    except Exception:
+        return ""
 
 
 def wait_until(cond: Callable[[], bool], timeout: float, proc: Optional[Trainer] = None, what: str = "") -> None:

@@ -118,11 +118,49 @@ def test_sigterm_saves_a_checkpoint_exits_cleanly_and_resumes(tmp_path):
     assert [s for s in metric_steps(run) if s >= 0] == list(range(0, last + 3))
 
 
-def test_ctrl_c_on_torchrun_saves_the_last_good_state(tmp_path):
-    # the trainer stops after the step it is in; the newest complete checkpoint holds the last logged step
-    run, log = _signal_mid_run(tmp_path, "int", signal.SIGINT, group=True)
-    assert "stopped by SIG" in log and "checkpoint" in log, log[-3000:]
+# The recipe's own step size: with the tiny FAST step the step ended before a dying engine mattered, and the
+# old test passed while Ctrl-C in a terminal lost the run's last steps.
+RECIPE_STEP = ["trainer.prompts_per_step=16", "rollout.n=8", "actor.ppo_mini_batch_size=4", "trainer.save_every=20"]
+
+
+def _ctrl_c_in_a_terminal(tmp_path, name, launcher, times):
+    """Start the trainer as a terminal would (its own process group in the foreground), wait for RL step 2, and
+    press Ctrl-C `times` times: SIGINT to the whole process group, as the terminal sends it."""
+    import os
+
+    import psutil
+
+    run = tmp_path / name
+    t = Trainer(run, "trainer.total_steps=40", *RECIPE_STEP, log=tmp_path / f"{name}.log", launcher=launcher)
+    try:
+        wait_until(lambda: _last_rl_step(run) >= 2 and t.engine_pids(), 400, t, "RL step 2 with a running engine")
+        engines = t.engine_pids()
+        for _ in range(times):
+            os.killpg(t.proc.pid, signal.SIGINT)
+            time.sleep(0.3)
+        start = time.time()
+        rc = t.proc.wait(timeout=120)
+        seconds = time.time() - start
+        _, alive = psutil.wait_procs([psutil.Process(p) for p in engines if psutil.pid_exists(p)], timeout=20)
+    finally:
+        t.kill_all()
+    return run, t.output(), rc, seconds, alive
+
+
+def test_ctrl_c_in_a_terminal_under_torchrun_finishes_the_step_and_saves_it(tmp_path):
+    run, log, rc, seconds, alive = _ctrl_c_in_a_terminal(tmp_path, "int", "torchrun", times=1)
+    assert "stopped by SIGINT after step" in log, log[-3000:]
     last = _last_rl_step(run)
-    assert last >= 2 and max(complete_checkpoints(run)) == last
-    steps = [s for s in metric_steps(run) if s >= 0]
-    assert steps == list(range(0, last + 1))
+    assert last >= 2 and max(complete_checkpoints(run)) == last  # the last logged step is saved (save_every=20)
+    assert [s for s in metric_steps(run) if s >= 0] == list(range(0, last + 1))
+    assert "rollout engine failed" not in log and alive == [], log[-3000:]
+    assert "done in" not in log  # a stopped run does not export or report as if it had finished
+
+
+def test_ctrl_c_twice_stops_at_once_without_a_traceback_and_leaves_no_engine_behind(tmp_path):
+    run, log, rc, seconds, alive = _ctrl_c_in_a_terminal(tmp_path, "int2", "python", times=2)
+    assert rc == 130 and seconds < 30, (rc, seconds, log[-3000:])
+    assert "SIGINT again: stopping now" in log and "Traceback" not in log, log[-3000:]
+    assert alive == []  # the engine processes died with the trainer
+    ckpts = complete_checkpoints(run)
+    assert ckpts and max(ckpts) <= _last_rl_step(run)  # what is on disk is complete and not ahead of the log

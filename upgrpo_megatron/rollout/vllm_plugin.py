@@ -24,17 +24,28 @@ def _plain_cpu_linear(layer, remove_weight: bool) -> None:
     layer.cpu_linear = lambda x, weight, bias: torch.nn.functional.linear(x, weight, bias)
 
 
-def _die_with_parent() -> None:
-    """In the engine's own processes (EngineCore, workers): get SIGKILL when the parent process dies.
+def _tie_to_owner() -> None:
+    """In the engine's own processes (EngineCore, workers): die with the parent, and only with it.
 
-    A trainer killed by SIGKILL (OOM killer, node agent) runs no cleanup, and vLLM's processes would live on
-    as orphans holding CPU or GPU memory. `RolloutEngine` sets UPGRPO_ENGINE_OWNER_PID to the trainer's pid;
-    every other process that loads this plugin asks the kernel to kill it with its parent (Linux prctl)."""
+    - SIGKILL when the parent process dies: a trainer killed by SIGKILL (OOM killer, node agent) runs no
+      cleanup, and vLLM's processes would live on as orphans holding CPU or GPU memory (Linux prctl).
+    - Their own process group: a terminal's Ctrl-C goes to the whole foreground process group, and torchrun
+      forwards the signal it gets to each rank's whole process group (`killpg`). Either way the engine used
+      to die first (its own SIGINT handler) while the trainer was still finishing its step, which then hung on
+      the dead engine and lost the checkpoint. Out of those groups, the engine stops when the trainer shuts it
+      down, or dies with it.
+    `RolloutEngine` sets UPGRPO_ENGINE_OWNER_PID to the trainer's pid; every other process loading this plugin
+    is an engine process."""
     owner = os.environ.get(OWNER_ENV)
     if not owner or str(os.getpid()) == owner or not sys.platform.startswith("linux"):
         return
     import ctypes
     import signal
+
+    try:
+        os.setpgid(0, 0)
+    except OSError:  # a session leader cannot move; it is then not in its parent's group either
+        pass
 
     PR_SET_PDEATHSIG = 1
     try:
@@ -46,7 +57,7 @@ def _die_with_parent() -> None:
 
 
 def register() -> None:
-    _die_with_parent()
+    _tie_to_owner()
     if os.environ.get(ENV) != "1":
         return
     import vllm.model_executor.layers.linear as linear
