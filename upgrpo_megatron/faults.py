@@ -7,6 +7,8 @@ Each entry is NAME@STEPS (STEPS: `4`, `4-6` or `*`):
     inf_grad            the RL loss stays finite but its backward pass yields +inf gradients
     kill_in_checkpoint  SIGKILL this process while writing the checkpoint of that step: model and optimizer
                         files are on disk, the COMPLETE marker is not (the worst moment for a crash)
+    nan_weights         after that step's updates one actor weight is NaN (a diverged run)
+    zero_reward         every reward of that step's rollouts is 0 (a broken reward: no group has a signal)
 
 Only the tests set it; a typo in it is an error rather than a silently healthy run.
 """
@@ -21,7 +23,7 @@ import torch
 
 from upgrpo_megatron.errors import UpgrpoError
 
-KNOWN = ("nan_loss", "inf_grad", "kill_in_checkpoint")
+KNOWN = ("nan_loss", "inf_grad", "kill_in_checkpoint", "nan_weights", "zero_reward")
 
 
 class FaultSpecError(UpgrpoError, ValueError):
@@ -82,3 +84,13 @@ def corrupt_loss(loss: torch.Tensor, log_probs: torch.Tensor, step: int) -> torc
 def maybe_kill_in_checkpoint(step: Optional[int]) -> None:
     if step is not None and active("kill_in_checkpoint", int(step)):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+@torch.no_grad()
+def maybe_corrupt_weights(module, step: int) -> None:
+    if active("nan_weights", step):
+        next(module.parameters()).view(-1)[0] = float("nan")
+
+
+def maybe_zero_rewards(scores: torch.Tensor, step: int) -> torch.Tensor:
+    return torch.zeros_like(scores) if active("zero_reward", step) else scores

@@ -66,7 +66,7 @@ class RLStep:
             raise TrainingStopped(f"rollout used weight version {rollout.weight_version}, actor is at "
                                   f"{self.rollout.weight_version}: the weight sync did not reach the engine")
         # 2. rewards, 3. advantages
-        texts, scores, rewards = self._rewards(prompts, rollout, m)
+        texts, scores, rewards = self._rewards(prompts, rollout, m, step)
         correct = torch.tensor([float(self.task.is_correct(float(x))) for x in scores])
         keep, adv = self._advantages(rewards, correct, rollout, m)
         samples = self._samples(prompts, rollout, texts, scores)
@@ -99,20 +99,22 @@ class RLStep:
             batch["old_log_prob"] = batch["rollout_log_prob"]
         with timer(m, "update"):
             updates, skipped = self._update(batch, step, m, collect_drift=diag is not None)
+        faults.maybe_corrupt_weights(self.actor.module, step)
         if diag is not None:
             m.update(self.diagnostics.finish_drift(step=step))
         self._sync(m, step)
         return StepResult(m, updates=updates, skipped_updates=skipped, samples=samples)
 
     # ------------------------------------------------------------------------------------------ pieces
-    def _rewards(self, prompts, rollout, m):
+    def _rewards(self, prompts, rollout, m, step: int = 0):
         from upgrpo_megatron.losses import overlong_reward_penalty
 
         cfg, alg = self.cfg, self.cfg.algorithm
         with timer(m, "reward"):
             texts = [self.task.tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in rollout.samples]
-            scores = torch.tensor([self.task.reward(t, prompts[s.prompt_index].answer)
-                                   for t, s in zip(texts, rollout.samples)], dtype=torch.float32)
+            scores = faults.maybe_zero_rewards(torch.tensor([self.task.reward(t, prompts[s.prompt_index].answer)
+                                                             for t, s in zip(texts, rollout.samples)],
+                                                            dtype=torch.float32), step)
             lengths = torch.tensor([len(s.response_ids) for s in rollout.samples], dtype=torch.float32)
             rewards = scores.clone()
             if alg.overlong_buffer_len > 0:

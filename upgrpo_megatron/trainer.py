@@ -53,6 +53,7 @@ class Trainer:
         self.step = 0
         self.sft_done = False
         self.bad_steps = 0
+        self.steps_without_update = 0
         self._stop_signal: Optional[int] = None
         if resume_from is not None:
             self._load_checkpoint(resume_from)
@@ -203,6 +204,16 @@ class Trainer:
         if result.updates:
             self.bad_steps = self.bad_steps + 1 if result.all_updates_skipped else 0
             m["actor/consecutive_bad_steps"] = float(self.bad_steps)
+            self.steps_without_update = 0
+            if not self.actor.weights_finite():
+                raise TrainingStopped(f"the weights became non-finite in step {self.step} (a learning rate far too "
+                                      f"high?); nothing was saved from it: the newest complete checkpoint in "
+                                      f"{self.run_dir.checkpoints} holds the last finite weights")
+        else:
+            self.steps_without_update += 1
+            if self.rank == 0:
+                print(f"warning: step {self.step}: every group's samples were all right or all wrong, no update "
+                      f"({self.steps_without_update} such steps in a row)", file=sys.stderr, flush=True)
         if self.rank == 0:
             from upgrpo_megatron.diagnostics.storage import append_samples
 
@@ -210,10 +221,14 @@ class Trainer:
         return m
 
     def _stop_reason(self) -> Optional[str]:
-        n = self.cfg.actor.max_bad_steps
+        n, k = self.cfg.actor.max_bad_steps, self.cfg.trainer.max_steps_without_update
         if self.bad_steps >= n:  # the loop logs this step, checkpoints and stops
             return (f"{self.bad_steps} consecutive steps had non-finite loss or gradients; stopped at step "
                     f"{self.step} with a checkpoint of the last good weights (actor.max_bad_steps={n})")
+        if self.steps_without_update >= k:
+            return (f"{k} steps in a row had no update: every group's samples were all right or all wrong "
+                    f"(rewards all equal: is the reward or the model broken? see samples.jsonl); stopped at step "
+                    f"{self.step} (trainer.max_steps_without_update={k})")
         return None
 
     # --------------------------------------------------------------------------------------- signals
@@ -323,6 +338,8 @@ class Trainer:
         if t.export_hf:
             from upgrpo_megatron.convert import save_hf_checkpoint
 
+            if not self.actor.weights_finite():
+                raise TrainingStopped("the final weights are not finite: no Hugging Face export written")
             weights = list(self.weights())
             if self.rank == 0:
                 save_hf_checkpoint(self.cfg.model, iter(weights), self.run_dir.hf, tokenizer=self.tokenizer,

@@ -12,9 +12,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 
 def _optimizer_steps(run, step):
-    """Optimizer updates taken up to a checkpoint: the LR scheduler counts them (skipped steps do not)."""
-    extra = torch.load(run / "checkpoints" / f"step_{step:06d}" / "extra.pt", weights_only=True)
-    return int(extra["scheduler"]["num_steps"])
+    """Optimizer updates taken up to a checkpoint: Adam's step count of the first parameter (skipped updates do
+    not count; the LR schedule counts RL steps, so it cannot tell)."""
+    groups = torch.load(run / "checkpoints" / f"step_{step:06d}" / "optim" / "rank_0.pt", weights_only=True)
+    return int(groups[0]["state"][0]["step"])
 
 
 def test_bad_steps_are_skipped_counted_and_k_in_a_row_stop_the_run_with_a_checkpoint(tmp_path):
@@ -40,6 +41,32 @@ def test_bad_steps_are_skipped_counted_and_k_in_a_row_stop_the_run_with_a_checkp
     assert _optimizer_steps(run, 4) == _optimizer_steps(run, 3) + 1
     assert 7 in complete_checkpoints(run)
     assert _optimizer_steps(run, 7) == _optimizer_steps(run, 4)
+
+
+def test_non_finite_weights_stop_the_run_without_saving_them(tmp_path):
+    run = tmp_path / "run"
+    t = Trainer(run, "trainer.total_steps=6", "trainer.save_every=1", "trainer.keep_checkpoints=10",
+                "algorithm.dynamic_sampling=false", "trainer.export_hf=true",
+                log=tmp_path / "nanw.log", faults="nan_weights@3")
+    rc = t.wait(timeout=900)
+    log = t.output()
+    assert rc != 0 and "done in" not in log
+    lines = [l for l in log.splitlines() if l.startswith("error:")]
+    assert lines and "the weights became non-finite in step 3" in lines[0], log[-3000:]
+    assert max(complete_checkpoints(run)) == 2 and not (run / "hf").exists()  # nothing NaN was saved or exported
+
+
+def test_steps_without_any_update_warn_and_k_in_a_row_stop_the_run(tmp_path):
+    run = tmp_path / "run"
+    t = Trainer(run, "trainer.total_steps=12", "trainer.max_steps_without_update=3", log=tmp_path / "zero.log",
+                faults="zero_reward@2-12")
+    rc = t.wait(timeout=900)
+    log = t.output()
+    assert rc != 0 and "done in" not in log
+    assert "warning: step 2: every group's samples were all right or all wrong, no update (1 such steps" in log
+    lines = [l for l in log.splitlines() if l.startswith("error:")]
+    assert lines and "3 steps in a row had no update" in lines[0] and "stopped at step 4" in lines[0], log[-3000:]
+    assert [s for s in metric_steps(run) if s >= 0] == [0, 1, 2, 3, 4]
 
 
 def _engine_processes(trainer):

@@ -190,6 +190,7 @@ class TrainerConfig:
     world_size_hint: Optional[int] = None
     samples_per_step: int = 4
     init_from: Optional[str] = None      # start RL from this checkpoint's weights (no SFT warm-up; step 0)
+    max_steps_without_update: int = 10   # stop after this many steps in a row where dynamic sampling kept nothing
 
 
 @dataclass

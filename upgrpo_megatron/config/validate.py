@@ -55,7 +55,7 @@ POSITIVE = [
     "actor.ppo_epochs", "actor.ppo_mini_batch_size", "actor.micro_batch_size", "actor.max_bad_steps",
     "trainer.total_steps", "trainer.prompts_per_step", "trainer.save_every", "trainer.keep_checkpoints",
     "diagnostics.save_every", "rollout.sync_every", "correction.tis_cap", "correction.icepop_high",
-    "correction.seq_high", "correction.routing_min_layers",
+    "correction.seq_high", "correction.routing_min_layers", "trainer.max_steps_without_update",
 ]
 NON_NEGATIVE = [
     "model.moe_aux_loss_coeff", "model.first_k_dense_layers", "model.shared_expert_ffn_hidden_size",

@@ -185,6 +185,14 @@ class MegatronActor:
         return torch.cat(parts)
 
     # ------------------------------------------------------------------ update
+    @torch.no_grad()
+    def weights_finite(self) -> bool:
+        """True on every rank when every rank's weights are finite (collective)."""
+        bad = torch.tensor([0.0 if all(bool(torch.isfinite(p).all()) for p in self.module.parameters()) else 1.0])
+        if dist.is_initialized():
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return bad.item() == 0
+
     def _grads_finite(self) -> bool:
         return all(bool(torch.isfinite(g).all()) for g in (grad_of(p) for p in self.model.parameters())
                    if g is not None)
