@@ -39,20 +39,53 @@ class MetricsLogger:
         return {r.get("step") for r in read_metrics(self.path.parent)}
 
     def log(self, step: int, metrics: Dict[str, Any]) -> None:
-        rec = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
+        """One RL step's record: {"step": step, ...}."""
+        self._write({"step": step, **{k: _clean(v) for k, v in metrics.items()}}, "step")
+
+    def log_sft(self, sft_step: int, metrics: Dict[str, Any]) -> None:
+        """A record of the SFT warm-up, on its own step axis: {"sft_step": i, "sft/...": ...} (no "step")."""
+        self._write({"sft_step": sft_step, **{k: _clean(v) for k, v in metrics.items()}}, "sft_step")
+
+    def _write(self, rec: Dict[str, Any], step_key: str) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
             f.flush()
             os.fsync(f.fileno())
         if self.tb is not None:
-            for k, v in rec.items():
-                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self.tb.add_scalar(k, v, step)
+            write_scalars(self.tb, rec, step_key)
             self.tb.flush()
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def write_scalars(tb, rec: Dict[str, Any], step_key: str) -> None:
+    """The numbers of one record as TensorBoard scalars at `rec[step_key]`."""
+    for k, v in rec.items():
+        if k != step_key and isinstance(v, (int, float)) and not isinstance(v, bool):
+            tb.add_scalar(k, v, rec[step_key])
+
+
+def rebuild_tensorboard(run_dir: Path) -> None:
+    """Rewrite RUN_DIR/tensorboard from metrics.jsonl (the source of truth), e.g. after the log was cut back on
+    resume: TensorBoard event files cannot be truncated, and left alone they would show steps 1, 2, 3, 1, ..."""
+    import shutil
+
+    tb_dir = Path(run_dir) / "tensorboard"
+    if not tb_dir.exists():
+        return
+    shutil.rmtree(tb_dir)
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:
+        return
+    tb = SummaryWriter(str(tb_dir))
+    for rec in read_metrics(run_dir):
+        key = "step" if "step" in rec else "sft_step" if "sft_step" in rec else None
+        if key is not None:
+            write_scalars(tb, rec, key)
+    tb.close()
 
 
 def truncate_jsonl(path: Path, step: Optional[int]) -> int:
@@ -68,6 +101,7 @@ def truncate_jsonl(path: Path, step: Optional[int]) -> int:
         except json.JSONDecodeError:  # a line cut by a crash mid-write
             dropped += 1
             continue
+        # SFT records (no "step") come before step 0: kept whenever a checkpoint is
         if step is not None and isinstance(rec, dict) and rec.get("step", -1) <= step:
             kept.append(line)
         else:

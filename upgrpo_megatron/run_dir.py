@@ -38,22 +38,33 @@ class RunDir:
 
     def prepare(self, resume: str) -> Optional[Path]:
         """Collective. Decide between a fresh run and a resume, refuse to overwrite an existing run, check the
-        directory is writable and lock it. Returns the checkpoint to resume from (None: start fresh)."""
+        directory is writable and lock it. Returns the checkpoint to resume from (None: start fresh).
+
+        resume: "auto" (the newest complete checkpoint; a directory with results but none is refused),
+        "never" (the directory must be empty), "fresh" (start over, moving the old files aside) or a path."""
         from upgrpo_megatron.megatron.checkpoint import latest_complete_checkpoint
 
         d = self.path
-        if resume not in ("auto", "never"):
+        if resume not in ("auto", "never", "fresh"):
             path = Path(resume)
             if not path.exists():
                 raise RunDirError(f"trainer.resume={resume}: no such checkpoint directory")
             return path
-        exists = d.exists() and any(d.iterdir())
-        # rank 0 decides (it may restore an interrupted re-save); the other ranks take its answer
-        ckpt = latest_complete_checkpoint(self.checkpoints) if exists and self.rank == 0 else None
-        ckpt = broadcast_object(ckpt)
+        exists = d.exists() and any(p.name != ".lock" for p in d.iterdir())
         if resume == "never" and exists:
             raise RunDirError(f"run directory {d} already exists and is not empty; set trainer.resume=auto to "
                               f"continue it or choose another trainer.run_dir")
+        # rank 0 decides (it may restore an interrupted re-save); the other ranks take its answer
+        ckpt, problem = None, None
+        if exists and self.rank == 0:
+            ckpt = None if resume == "fresh" else latest_complete_checkpoint(self.checkpoints)
+            if ckpt is None and resume != "fresh" and self.has_results():
+                problem = (f"run directory {d} holds results (RL-step metrics, an HF export or a report) but no "
+                           f"complete checkpoint to resume from; set trainer.resume=fresh to start over (the old "
+                           f"files are moved to {d}/previous/) or choose another trainer.run_dir")
+        ckpt, problem = broadcast_object((ckpt, problem))
+        if problem:
+            raise RunDirError(problem)
         if self.rank == 0:
             try:
                 d.mkdir(parents=True, exist_ok=True)
@@ -63,8 +74,44 @@ class RunDir:
             except OSError as e:
                 raise RunDirError(f"trainer.run_dir={d} is not writable: {e.strerror}") from None
             self._lock = lock_run_dir(d)
+            if exists and ckpt is None:
+                moved = self.move_aside()
+                if moved is not None:
+                    print(f"starting {d} over; its previous files are kept in {moved}", flush=True)
         barrier()
         return ckpt
+
+    def has_results(self) -> bool:
+        """Anything of value that a fresh start would lose: RL-step metrics, the HF export, the report."""
+        import json
+
+        if self.hf.exists() or self.report.exists():
+            return True
+        log = self.path / "metrics.jsonl"
+        for line in log.read_text(errors="replace").splitlines() if log.exists() else []:
+            try:
+                if "step" in json.loads(line):
+                    return True
+            except ValueError:  # a line cut by a crash mid-write
+                continue
+        return False
+
+    def move_aside(self) -> Optional[Path]:
+        """Move everything but the lock and earlier `previous/` copies into RUN_DIR/previous/<UTC time>/."""
+        import time
+
+        items = [p for p in self.path.iterdir() if p.name not in (".lock", "previous")]
+        if not items:
+            return None
+        dest = self.path / "previous" / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        n = 1
+        while dest.exists():
+            dest = dest.with_name(f"{dest.name.split('.')[0]}.{n}")
+            n += 1
+        dest.mkdir(parents=True)
+        for p in items:
+            os.rename(p, dest / p.name)
+        return dest
 
     def cut_logs(self, keep_through: Optional[int]) -> None:
         """Keep exactly what the resumed checkpoint covers: steps <= its step, or nothing without one (a run
@@ -72,7 +119,10 @@ class RunDir:
         from upgrpo_megatron.diagnostics.storage import truncate_run_files
         from upgrpo_megatron.metrics import truncate_jsonl
 
-        truncate_jsonl(self.path / "metrics.jsonl", keep_through)
+        from upgrpo_megatron.metrics import rebuild_tensorboard
+
+        if truncate_jsonl(self.path / "metrics.jsonl", keep_through):
+            rebuild_tensorboard(self.path)
         truncate_run_files(self.path, keep_through)  # samples.jsonl and diagnostics/
 
     def save_config(self, cfg, step: int) -> Optional[Path]:

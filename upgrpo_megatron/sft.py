@@ -52,5 +52,5 @@ def sft_warmup(cfg, actor, task, dp: DataParallel, *, log: Optional[Callable[[in
 
         m = actor.train_step(split_micro_batches(batch, torch.arange(len(rows)), cfg.actor.micro_batch_size), loss_fn)
         if log is not None and (it % 10 == 0 or it == s.steps - 1):
-            log(-s.steps + it, {"sft/loss": m.get("sft/loss"), "sft/grad_norm": m["actor/grad_norm"]})
+            log(it, {"sft/loss": m.get("sft/loss"), "sft/grad_norm": m["actor/grad_norm"]})
     return True

@@ -188,13 +188,22 @@ class Trainer:
         self.rollout.start(self.weights, self.rollout.weight_version)
 
     def evaluate(self) -> Dict[str, float]:
-        """Greedy accuracy on the held-out split."""
-        val, r = self.task.val_prompts(), self.cfg.rollout
-        batch = self.rollout.generate([p.prompt_ids for p in val], n=r.val_n, temperature=r.val_temperature,
+        """Accuracy on the held-out split: `val/acc` at rollout.val_temperature (greedy by default) and, with
+        rollout.val_sample_n = k > 0, `val/mean@k`: the mean accuracy of k samples per problem at the training
+        temperature (less noisy than one greedy answer per problem)."""
+        r = self.cfg.rollout
+        out = {"val/acc": self._val_accuracy(r.val_n, r.val_temperature)}
+        if r.val_sample_n:
+            out[f"val/mean@{r.val_sample_n}"] = self._val_accuracy(r.val_sample_n, r.temperature)
+        return out
+
+    def _val_accuracy(self, n: int, temperature: float) -> float:
+        val = self.task.val_prompts()
+        batch = self.rollout.generate([p.prompt_ids for p in val], n=n, temperature=temperature,
                                       seed=self.cfg.trainer.seed)
         scores = [self.task.accuracy(self.tokenizer.decode(s.response_ids, skip_special_tokens=True),
                                      val[s.prompt_index].answer) for s in batch.samples]
-        return {"val/acc": float(np.mean(scores)) if scores else float("nan")}
+        return float(np.mean(scores)) if scores else float("nan")
 
     def rl_step(self) -> Dict[str, float]:
         """One RL step at `self.step` (already advanced); counts consecutive steps whose updates were all
@@ -279,7 +288,8 @@ class Trainer:
             if not self.sft_done:
                 from upgrpo_megatron.sft import sft_warmup
 
-                self.sft_done = sft_warmup(self.cfg, self.actor, self.task, self.dp, log=self._log,
+                self.sft_done = sft_warmup(self.cfg, self.actor, self.task, self.dp,
+                                           log=self.metrics.log_sft if self.metrics is not None else None,
                                            stop_requested=self._stop_requested, show_progress=self.rank == 0)
             if self._stop_on_signal("during the SFT warm-up"):
                 return

@@ -118,22 +118,23 @@ def wait_until(cond: Callable[[], bool], timeout: float, proc: Optional[Trainer]
                          + (f":\n{proc.output()[-4000:]}" if proc else ""))
 
 
-def metric_steps(run_dir: Path) -> List[int]:
-    """Steps in metrics.jsonl in file order (a torn last line counts as no step)."""
+def metric_steps(run_dir: Path, key: str = "step") -> List[int]:
+    """RL steps (or with key="sft_step" the SFT warm-up's records) in metrics.jsonl in file order (a torn last
+    line counts as no step)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
     out = []
     for line in path.read_text().splitlines():
         try:
-            out.append(json.loads(line)["step"])
+            out.append(json.loads(line)[key])
         except (json.JSONDecodeError, KeyError):
             pass
     return out
 
 
 def metrics(run_dir: Path) -> dict:
-    return {r["step"]: r for r in map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines())}
+    return {r["step"]: r for r in map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines()) if "step" in r}
 
 
 def complete_checkpoints(run_dir: Path) -> List[int]:

@@ -108,6 +108,7 @@ class RolloutConfig:
     capture_routing: bool = True
     val_temperature: float = 0.0
     val_n: int = 1
+    val_sample_n: int = 0                # also eval k samples per problem at rollout.temperature: val/mean@k (0: off)
     # controlled train-inference mismatch (experiments): Gaussian noise of relative size router_noise (x the
     # RMS of each router weight) added to the ENGINE's copy of the router weights only, drawn anew for every
     # weight version from trainer.seed; 0 = off
