@@ -6,7 +6,6 @@ entry points catch `UpgrpoError` (the base of all of them), print `error: <messa
 
 from __future__ import annotations
 
-import sys
 import traceback
 
 
@@ -37,8 +36,10 @@ def user_error_types() -> tuple:
 
 
 def exit_with_message(e: BaseException, debug: bool = False) -> int:
+    from upgrpo_megatron import console
+
     if debug:
-        traceback.print_exc()
+        traceback.print_exc(file=console.err())
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    print(f"error: {msg}", file=sys.stderr)
+    print(f"error: {msg}", file=console.err(), flush=True)
     return 2

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from typing import Iterable, Optional
 
 
@@ -15,6 +14,9 @@ def progress(it: Iterable, *, desc: str, enabled: bool = True, total: Optional[i
         return it
     from tqdm.auto import tqdm
 
-    tty = sys.stderr.isatty()
-    return tqdm(it, desc=desc, total=total, initial=initial, unit=unit, dynamic_ncols=True,
+    from upgrpo_megatron import console
+
+    stream = console.err()
+    tty = stream.isatty()
+    return tqdm(it, desc=desc, total=total, initial=initial, unit=unit, dynamic_ncols=True, file=stream,
                 mininterval=0.5 if tty else 10.0, leave=True)

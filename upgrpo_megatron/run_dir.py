@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from upgrpo_megatron import console
 from upgrpo_megatron.distributed import barrier, broadcast_object
 from upgrpo_megatron.errors import RunDirError
 
@@ -27,6 +28,7 @@ class RunDir:
         self.path = Path(path)
         self.rank = rank
         self._lock = None
+        self._start_over = False
 
     checkpoints = property(lambda self: self.path / "checkpoints")
     hf = property(lambda self: self.path / "hf")
@@ -37,49 +39,68 @@ class RunDir:
         return self.checkpoints / f"step_{step:06d}"
 
     def prepare(self, resume: str) -> Optional[Path]:
-        """Collective. Decide between a fresh run and a resume, refuse to overwrite an existing run, check the
-        directory is writable and lock it. Returns the checkpoint to resume from (None: start fresh).
+        """Collective. Check the directory is writable and lock it, decide between a fresh run and a resume,
+        refuse to overwrite an existing run. Returns the checkpoint to resume from (None: start fresh).
 
         resume: "auto" (the newest complete checkpoint; a directory with results but none is refused),
         "never" (the directory must be empty), "fresh" (start over, moving the old files aside) or a path."""
-        from upgrpo_megatron.megatron.checkpoint import latest_complete_checkpoint
-
-        d = self.path
         if resume not in ("auto", "never", "fresh"):
             path = Path(resume)
             if not path.exists():
                 raise RunDirError(f"trainer.resume={resume}: no such checkpoint directory")
             return path
-        exists = d.exists() and any(p.name != ".lock" for p in d.iterdir())
+        # rank 0 locks and decides (it may restore an interrupted re-save); the other ranks take its answer
+        ckpt, problem = None, None
+        if self.rank == 0:
+            try:
+                self._lock_first()
+                ckpt = self._decide(resume)
+            except RunDirError as e:
+                problem = str(e)
+        ckpt, problem, self._start_over = broadcast_object((ckpt, problem, self._start_over))
+        if problem:
+            raise RunDirError(problem)
+        barrier()
+        return ckpt
+
+    def _lock_first(self) -> None:
+        """A directory in use by a live trainer is refused before anything in it is judged; a new directory is
+        created (and must be writable) before it is locked."""
+        d = self.path
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            probe = d / f".write-test-{os.getpid()}"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            raise RunDirError(f"trainer.run_dir={d} is not writable: {e.strerror}") from None
+        self._lock = lock_run_dir(d)
+
+    def _decide(self, resume: str) -> Optional[Path]:
+        from upgrpo_megatron.megatron.checkpoint import latest_complete_checkpoint
+
+        d = self.path
+        exists = any(p.name != ".lock" for p in d.iterdir())
         if resume == "never" and exists:
             raise RunDirError(f"run directory {d} already exists and is not empty; set trainer.resume=auto to "
                               f"continue it or choose another trainer.run_dir")
-        # rank 0 decides (it may restore an interrupted re-save); the other ranks take its answer
-        ckpt, problem = None, None
-        if exists and self.rank == 0:
-            ckpt = None if resume == "fresh" else latest_complete_checkpoint(self.checkpoints)
-            if ckpt is None and resume != "fresh" and self.has_results():
-                problem = (f"run directory {d} holds results (RL-step metrics, an HF export or a report) but no "
-                           f"complete checkpoint to resume from; set trainer.resume=fresh to start over (the old "
-                           f"files are moved to {d}/previous/) or choose another trainer.run_dir")
-        ckpt, problem = broadcast_object((ckpt, problem))
-        if problem:
-            raise RunDirError(problem)
-        if self.rank == 0:
-            try:
-                d.mkdir(parents=True, exist_ok=True)
-                probe = d / f".write-test-{os.getpid()}"
-                probe.write_text("ok")
-                probe.unlink()
-            except OSError as e:
-                raise RunDirError(f"trainer.run_dir={d} is not writable: {e.strerror}") from None
-            self._lock = lock_run_dir(d)
-            if exists and ckpt is None:
-                moved = self.move_aside()
-                if moved is not None:
-                    print(f"starting {d} over; its previous files are kept in {moved}", flush=True)
-        barrier()
+        ckpt = latest_complete_checkpoint(self.checkpoints) if exists and resume != "fresh" else None
+        if exists and ckpt is None and resume != "fresh" and self.has_results():
+            raise RunDirError(f"run directory {d} holds results (RL-step metrics, an HF export or a report) but no "
+                              f"complete checkpoint to resume from; set trainer.resume=fresh to start over (the old "
+                              f"files are moved to {d}/previous/) or choose another trainer.run_dir")
+        self._start_over = exists and ckpt is None
         return ckpt
+
+    def open(self, keep_through: Optional[int]) -> None:
+        """Rank 0, once every input has checked out (nothing in the directory changes before): move the files of
+        a run that starts over aside, or cut the logs back to the resumed checkpoint's step."""
+        if self._start_over:
+            moved = self.move_aside()
+            if moved is not None:
+                console.say(f"starting {self.path} over; its previous files are kept in {moved}")
+        else:
+            self.cut_logs(keep_through)
 
     def has_results(self) -> bool:
         """Anything of value that a fresh start would lose: RL-step metrics, the HF export, the report."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
 from typing import Dict, Optional
 
@@ -19,12 +18,14 @@ import torch
 
 from upgrpo_megatron.distributed import (
     all_reduce_max,
+    barrier,
     broadcast_object,
     rng_state,
     seed_everything,
     set_rng_state,
     timer,
 )
+from upgrpo_megatron import console
 from upgrpo_megatron.errors import TrainingStopped
 
 
@@ -60,18 +61,21 @@ class Trainer:
         elif cfg.trainer.init_from:
             self._init_from(cfg.trainer.init_from)
         elif self.rank == 0:
-            print(f"starting {self.run_dir.path} from scratch (no complete checkpoint to resume)", flush=True)
+            console.say(f"starting {self.run_dir.path} from scratch (no complete checkpoint to resume)")
         self.metrics = None
         keep_through = self.step if resume_from is not None else None
         self._saved_step: Optional[int] = keep_through
-        if self.rank == 0:  # only now that every input checked out
+        if self.rank == 0:  # only now that every input checked out does anything in the run dir change
             from upgrpo_megatron.metrics import MetricsLogger
 
-            self.run_dir.cut_logs(keep_through)
+            self.run_dir.open(keep_through)
             self.metrics = MetricsLogger(self.run_dir.path, tensorboard=cfg.trainer.tensorboard)
             kept = self.run_dir.save_config(cfg, step=self.step)
             if kept is not None:
-                print(f"the config differs from the run's previous one; that one is kept as {kept}", flush=True)
+                console.say(f"the config differs from the run's previous one; that one is kept as {kept}")
+        barrier()
+        if console.log_path() is not None:  # third-party output was captured: from now on into the run dir
+            console.capture_to(self.run_dir.path / "logs" / f"rank{self.rank}.log")
 
     def _build_parts(self):
         from upgrpo_megatron.config import ConfigError
@@ -150,7 +154,7 @@ class Trainer:
         self.load_state_dict(load_checkpoint(path, self.actor.module, optimizer=self.actor.optimizer,
                                              model_cfg=self.cfg.model))
         if self.rank == 0:
-            print(f"resumed from {path} at step {self.step}", flush=True)
+            console.say(f"resumed from {path} at step {self.step}")
 
     def _init_from(self, path) -> None:
         """RL starts from another run's checkpoint (its weights only: fresh optimizer, step 0, no SFT warm-up),
@@ -165,7 +169,7 @@ class Trainer:
         load_checkpoint(path, self.actor.module, optimizer=None, model_cfg=self.cfg.model)
         self.sft_done = True
         if self.rank == 0:
-            print(f"starting {self.run_dir.path} from the weights of {path} (trainer.init_from)", flush=True)
+            console.say(f"starting {self.run_dir.path} from the weights of {path} (trainer.init_from)")
 
     def _prepare_reference(self) -> None:
         """The reference policy = the weights RL starts from; saved once, loaded on resume."""
@@ -178,7 +182,7 @@ class Trainer:
             self.reference.load(path)
         else:
             if self.step > 0 and self.rank == 0:
-                print(f"note: {path} is missing; the reference policy is taken from the resumed weights", flush=True)
+                console.warn(f"{path} is missing; the reference policy is taken from the resumed weights")
             self.reference.copy_from(self.actor.module)
             self.reference.save(path)
 
@@ -221,8 +225,8 @@ class Trainer:
         else:
             self.steps_without_update += 1
             if self.rank == 0:
-                print(f"warning: step {self.step}: every group's samples were all right or all wrong, no update "
-                      f"({self.steps_without_update} such steps in a row)", file=sys.stderr, flush=True)
+                console.warn(f"step {self.step}: every group's samples were all right or all wrong, no update "
+                             f"({self.steps_without_update} such steps in a row)")
         if self.rank == 0:
             from upgrpo_megatron.diagnostics.storage import append_samples
 
@@ -246,12 +250,12 @@ class Trainer:
         if self._stop_signal is not None:  # a second signal: the user will not wait for the step to finish
             if self.rank == 0:
                 print(f"\n{name} again: stopping now without a new checkpoint (the newest complete one is kept in "
-                      f"{self.run_dir.checkpoints})", file=sys.stderr, flush=True)
+                      f"{self.run_dir.checkpoints})", file=console.err(), flush=True)
             os._exit(128 + signum)  # engine processes die with this one (rollout/vllm_plugin.py)
         self._stop_signal = signum
         if self.rank == 0:
             print(f"\n{name} received: finishing the current step, then saving a checkpoint "
-                  f"({name} again to stop at once)", file=sys.stderr, flush=True)
+                  f"({name} again to stop at once)", file=console.err(), flush=True)
 
     def _stop_requested(self) -> bool:
         """True on every rank once any rank got SIGTERM/SIGINT (ranks must stop at the same point)."""
@@ -272,7 +276,7 @@ class Trainer:
         else:
             msg = f"stopped by {name} during the SFT warm-up; nothing to checkpoint yet (a restart repeats the warm-up)"
         if self.rank == 0:
-            print(msg, flush=True)
+            console.say(msg)
         return True
 
     # --------------------------------------------------------------------------------------- fit
@@ -302,7 +306,7 @@ class Trainer:
                 m = self.evaluate()
                 self._log(0, m)
                 if self.rank == 0:
-                    print(f"val/acc after SFT warm-up: {m['val/acc']:.3f}", flush=True)
+                    console.say(f"val/acc after SFT warm-up: {m['val/acc']:.3f}")
                 self._save_checkpoint()
             if self._loop():
                 self._finish(time.time() - t_start)
@@ -317,9 +321,13 @@ class Trainer:
         """The RL steps; False when a signal stopped them (the state is saved), True when all ran."""
         from upgrpo_megatron.progress import progress
 
+        from upgrpo_megatron.summary import eval_line, progress_fields
+
         t = self.cfg.trainer
-        for _ in progress(range(self.step, t.total_steps), desc="RL", enabled=self.rank == 0, initial=self.step,
-                          total=t.total_steps):
+        bar = progress(range(self.step, t.total_steps), desc="RL", enabled=self.rank == 0, initial=self.step,
+                       total=t.total_steps)
+        last_val = None
+        for _ in bar:
             self.step += 1
             try:
                 m = self.rl_step()
@@ -333,6 +341,13 @@ class Trainer:
             if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.total_steps):
                 with timer(m, "eval"):
                     m.update(self.evaluate())
+                last_val = m["val/acc"]
+                if self.rank == 0 and hasattr(bar, "write"):
+                    bar.write(eval_line(self.step, m), file=console.err())
+                elif self.rank == 0:
+                    console.say(eval_line(self.step, m))
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(progress_fields(m, last_val), refresh=False)
             self._log(self.step, m)
             stop_reason = self._stop_reason()
             if self.step % t.save_every == 0 or self.step == t.total_steps or stop_reason:
@@ -360,9 +375,12 @@ class Trainer:
             render_report(self.run_dir.path, self.run_dir.report)
         if self.rank == 0:
             from upgrpo_megatron.metrics import read_metrics
+            from upgrpo_megatron.summary import final_summary
 
-            vals = [r["val/acc"] for r in read_metrics(self.run_dir.path) if r.get("val/acc") is not None]
-            if vals:
-                print(f"done in {seconds / 60:.1f} min: val/acc {vals[0]:.3f} after SFT warm-up -> "
-                      f"{vals[-1]:.3f} after {t.total_steps} RL steps (peak {max(vals):.3f}); run dir "
-                      f"{self.run_dir.path}", flush=True)
+            records = [r for r in read_metrics(self.run_dir.path) if "step" in r]
+            for line in final_summary(self.run_dir.path, records, loss_mode=self.cfg.algorithm.loss_mode,
+                                      steps=t.total_steps, minutes=seconds / 60, num_val=len(self.task.val_prompts()),
+                                      checkpoint=self.run_dir.checkpoint(self.step) if self._saved_step else None,
+                                      hf=self.run_dir.hf if t.export_hf else None,
+                                      report=self.run_dir.report / "index.html" if t.report else None):
+                console.say(line)

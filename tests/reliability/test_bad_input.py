@@ -34,7 +34,8 @@ def snapshot(d: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    """A workspace: an existing run (no checkpoint yet: resume=auto would start it over), data files."""
+    """A workspace: an existing run (results, no checkpoint: resume=auto refuses it, resume=fresh would move it
+    aside — but only once every input has checked out), data files."""
     d = tmp_path_factory.mktemp("bad_input")
     run = d / "precious_run"
     run.mkdir()
@@ -92,6 +93,7 @@ CASES = [
     ("checkpoint_of_another_model", ["trainer.resume=@WS/other_ckpt"], "is for another model", False),
     ("corrupt_safetensors", ["model.hf_path=@WS/corrupt_hf"], "model.safetensors", False),
     ("run_dir_exists_without_resume", ["trainer.resume=never"], "already exists", False),
+    ("results_without_checkpoint", ["trainer.resume=auto"], "holds results (RL-step metrics", False),
     ("run_dir_not_writable", ["trainer.run_dir=/proc/upgrpo_run"], "trainer.run_dir=/proc/upgrpo_run is not writable",
      False),
     ("missing_resume_path", ["trainer.resume=@WS/no_such_ckpt"], "no_such_ckpt", False),
@@ -108,6 +110,8 @@ def test_bad_input_is_one_clear_line_exit_2_and_nothing_is_overwritten(ws, case,
     args = [a for a in args if a != recipe]
     if not any(a.startswith("trainer.run_dir=") for a in args):
         args.append(f"trainer.run_dir={run}")
+    if not any(a.startswith("trainer.resume=") for a in args):
+        args.append("trainer.resume=fresh")  # the refusal must come from the input, not from the run dir
     proc = cli(recipe, *args, *(["--dry-run"] if dry else []))
     err = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])

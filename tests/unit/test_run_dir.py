@@ -32,7 +32,10 @@ def test_results_without_a_complete_checkpoint_are_refused_and_left_untouched(tm
 def test_resume_fresh_starts_over_and_keeps_the_old_files_aside(tmp_path):
     _results_without_checkpoint(tmp_path)
     before = _snapshot(tmp_path)
-    assert RunDir(tmp_path).prepare("fresh") is None
+    rd = RunDir(tmp_path)
+    assert rd.prepare("fresh") is None
+    assert _snapshot(tmp_path) == before  # nothing moves before every input has checked out ...
+    rd.open(keep_through=None)  # ... which is when the trainer opens the directory
     kept = list((tmp_path / "previous").iterdir())
     assert len(kept) == 1 and _snapshot(kept[0]) == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".lock") == ["previous"]
@@ -42,7 +45,9 @@ def test_a_run_killed_during_the_sft_warm_up_starts_over_with_its_logs_kept_asid
     MetricsLogger(tmp_path, tensorboard=False).log_sft(0, {"sft/loss": 2.0})
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"sft_step": 10, "sft/lo')  # a write cut by the kill
-    assert RunDir(tmp_path).prepare("auto") is None
+    rd = RunDir(tmp_path)
+    assert rd.prepare("auto") is None
+    rd.open(keep_through=None)
     assert not (tmp_path / "metrics.jsonl").exists() and len(list((tmp_path / "previous").iterdir())) == 1
 
 

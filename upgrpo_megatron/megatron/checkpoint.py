@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from upgrpo_megatron import console
 from upgrpo_megatron.errors import UpgrpoError
 from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
@@ -164,7 +165,7 @@ def _step_of(p: Path) -> int:
         return -1
 
 
-def latest_complete_checkpoint(ckpt_dir, report=print) -> Optional[Path]:
+def latest_complete_checkpoint(ckpt_dir, report=console.say) -> Optional[Path]:
     """The newest checkpoint that verifies; partial or corrupt ones are skipped and reported."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.exists():
@@ -230,5 +231,5 @@ def load_checkpoint(path, module, *, optimizer=None, model_cfg=None) -> dict:
     if optimizer is not None and optim_file.exists() and same_layout:
         optimizer.load_state_dict(safe_torch_load(optim_file))
     elif optimizer is not None and _rank() == 0:
-        print(f"note: optimizer state of {path} not restored (saved at another layout); starting Adam moments fresh")
+        console.warn(f"optimizer state of {path} not restored (saved at another layout); starting Adam moments fresh")
     return safe_torch_load(path / "extra.pt")
