@@ -13,6 +13,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def check_arguments(a) -> None:
+    """Every RUN_DIR is a directory, and --out neither is, contains nor lies inside any of them."""
+    from upgrpo_megatron.paths import refuse_overlap, require_dir, require_output_dir
+
+    for d in a.run_dirs:
+        require_dir(d, "RUN_DIR", "run directory")
+    refuse_overlap(a.out, [("RUN_DIR", d) for d in a.run_dirs])
+    require_output_dir(a.out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
@@ -24,6 +34,7 @@ def main(argv=None) -> int:
     from upgrpo_megatron.errors import UpgrpoError, exit_with_message
 
     try:
+        check_arguments(a)
         from upgrpo_megatron.diagnostics.compare import compare
 
         path = compare(a.run_dirs, a.out, a.label)

@@ -2,6 +2,7 @@
 HF -> Megatron -> HF is bit-identical for every tensor of both architectures (fp32 and bf16, a dense first
 layer, a sharded export), the export loads in transformers with the same logits, tokenizer and token ids come
 along; bad input gives one clear line and writes nothing."""
+import hashlib
 import json
 import os
 import subprocess
@@ -31,7 +32,9 @@ def _tensors(hf_dir):
     from safetensors import safe_open
 
     index = Path(hf_dir) / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    files = ["model.safetensors"]
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     out = {}
     for f in files:
         with safe_open(str(Path(hf_dir) / f), "pt") as h:
@@ -156,10 +159,72 @@ def test_cli_refuses_non_empty_output_with_one_line_and_exit_2(hf_dir, tmp_path)
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
+    (tmp_path / "ckpt").mkdir()
     for tool, flag, src in (("tools/convert_hf_to_megatron.py", "--hf", hf_dir),
-                            ("tools/convert_megatron_to_hf.py", "--checkpoint", tmp_path)):
+                            ("tools/convert_megatron_to_hf.py", "--checkpoint", tmp_path / "ckpt")):
         proc = _tool(tool, flag, str(src), "--out", str(out), check=False)
         assert proc.returncode == 2, proc.stderr[-3000:]
         last = proc.stderr.strip().splitlines()[-1]
         assert last.startswith("error: output directory") and "--force" in last and "Traceback" not in proc.stderr
         assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+# ---------------------------------------------------------------- --force never destroys the tool's own input
+def _snapshot(d: Path) -> dict:
+    """Every file's bytes and every directory under d (an added or removed folder counts as a change)."""
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(d.rglob("*"))}
+
+
+def _one_error_line(proc) -> str:
+    err = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert proc.returncode == 2 and len(err) == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A run directory as training leaves it: metrics and a complete checkpoint (converted from a tiny HF model,
+    with an optimizer file beside the model as a training checkpoint has)."""
+    root = tmp_path_factory.mktemp("overlap")
+    src = make_tiny_hf("qwen3_moe", root / "hf")
+    run = root / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 60, "val/acc": 0.7}\n')
+    _tool("tools/convert_hf_to_megatron.py", "--hf", src, "--out", str(run / "checkpoints" / "step_000060"))
+    (run / "checkpoints" / "step_000060" / "optim" / "rank_0.pt").write_bytes(b"adam moments")
+    (root / "run_link").symlink_to(run, target_is_directory=True)
+    return root
+
+
+# --out relative to the workspace: the checkpoint's run (above it), the checkpoint itself, its checkpoints/
+# folder, a folder inside it, and the run through a symlink
+EXPORT_OVERLAPS = {
+    "out_is_the_run_above_the_checkpoint": ("run/checkpoints/step_000060", "run", "contains"),
+    "out_is_the_checkpoint": ("run/checkpoints/step_000060", "run/checkpoints/step_000060", "is"),
+    "out_is_the_checkpoints_folder_given": ("run/checkpoints", "run/checkpoints", "is"),
+    "out_inside_the_checkpoint": ("run/checkpoints/step_000060", "run/checkpoints/step_000060/hf", "lies inside"),
+    "out_is_the_run_through_a_symlink": ("run/checkpoints/step_000060", "run_link", "contains"),
+}
+
+
+@pytest.mark.parametrize("case", list(EXPORT_OVERLAPS))
+def test_export_with_force_refuses_an_out_that_is_holds_or_lies_in_the_checkpoint(trained_run, case):
+    ckpt, out, relation = EXPORT_OVERLAPS[case]
+    ckpt, out = str(trained_run / ckpt), str(trained_run / out)
+    before = _snapshot(trained_run)
+    proc = _tool("tools/convert_megatron_to_hf.py", "--checkpoint", ckpt, "--out", out, "--force", check=False)
+    line = _one_error_line(proc)
+    assert f"--out {out} {relation} the input --checkpoint {ckpt}" in line
+    assert _snapshot(trained_run) == before  # the checkpoint, its optimizer state and the run: byte-identical
+
+
+@pytest.mark.parametrize("relation", ["is", "lies inside", "contains"])
+def test_import_with_force_refuses_an_out_that_is_holds_or_lies_in_the_hf_dir(tmp_path, relation):
+    hf = Path(make_tiny_hf("qwen3_moe", tmp_path / "models" / "hf"))
+    out = {"is": hf, "lies inside": hf / "ckpt", "contains": hf.parent}[relation]
+    before = _snapshot(tmp_path)
+    proc = _tool("tools/convert_hf_to_megatron.py", "--hf", str(hf), "--out", str(out), "--force", check=False)
+    assert f"--out {out} {relation} the input --hf {hf}" in _one_error_line(proc)
+    assert _snapshot(tmp_path) == before  # today's code replaced the model with the checkpoint

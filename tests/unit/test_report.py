@@ -1,5 +1,6 @@
 """The routing report renders from a run directory written with our own writer API (synthetic run)."""
 
+import hashlib
 import importlib.util
 import re
 import shutil
@@ -75,11 +76,36 @@ def test_missing_run_dir_or_metrics_is_one_error_line_exit_2(tmp_path, capsys):
     main = _tool("routing_report").main
     assert main([str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"error: {tmp_path / 'nope'}: no such run directory"
+    assert err == f"error: RUN_DIR {tmp_path / 'nope'}: no such run directory"
     assert main([str(tmp_path)]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
     with pytest.raises(ReportError):
         render_report(tmp_path)
+
+
+def _snapshot(d: Path) -> dict:
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(d.rglob("*"))}
+
+
+@pytest.mark.parametrize("relation", ["is", "lies inside", "contains"])
+def test_report_refuses_an_out_that_is_holds_or_lies_in_the_run_dir(tmp_path, capsys, relation):
+    run = make_synthetic_run(tmp_path / "runs" / "r", steps=2, batch=4, response_len=4)
+    out = {"is": run, "lies inside": run / "diagnostics", "contains": run.parent}[relation]
+    before = _snapshot(tmp_path)
+    assert _tool("routing_report").main([str(run), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --out {out} {relation} the input RUN_DIR {run}"), err
+    assert _snapshot(tmp_path) == before  # nothing written among (or above) the run's files
+
+
+def test_report_into_the_runs_own_report_folder_is_the_default_and_allowed(tmp_path):
+    run = make_synthetic_run(tmp_path / "r", steps=2, batch=4, response_len=4)
+    before = {k: v for k, v in _snapshot(run).items() if not k.startswith("report")}
+    assert _tool("routing_report").main([str(run), "--out", str(run / "report")]) == 0
+    assert _tool("routing_report").main([str(run)]) == 0
+    assert (run / "report" / "index.html").exists()
+    assert {k: v for k, v in _snapshot(run).items() if not k.startswith("report")} == before
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")

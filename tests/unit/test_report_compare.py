@@ -1,5 +1,6 @@
 """compare_runs on 2 groups x 2 seeds of hand-written run directories: figure and hand-checked table."""
 
+import hashlib
 import importlib.util
 import json
 from pathlib import Path
@@ -70,12 +71,33 @@ def test_labels_regroup_runs_by_glob(runs, tmp_path):
     assert _row(md, "seed2")[1] == "2"
 
 
-def test_compare_cli_errors_are_one_line(runs, tmp_path, capsys):
+def _cli():
     spec = importlib.util.spec_from_file_location("compare_runs", ROOT / "tools" / "compare_runs.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def _snapshot(d: Path) -> dict:
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(d.rglob("*"))}
+
+
+@pytest.mark.parametrize("relation", ["is", "lies inside", "contains"])
+def test_compare_refuses_an_out_that_is_holds_or_lies_in_a_run_dir(runs, tmp_path, capsys, relation):
+    out = {"is": runs[1], "lies inside": runs[2] / "compare", "contains": tmp_path}[relation]
+    run = {"is": runs[1], "lies inside": runs[2], "contains": runs[0]}[relation]
+    before = _snapshot(tmp_path)
+    assert _cli().main([*map(str, runs), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --out {out} {relation} the input RUN_DIR {run}"), err
+    assert _snapshot(tmp_path) == before
+
+
+def test_compare_cli_errors_are_one_line(runs, tmp_path, capsys):
+    mod = _cli()
     assert mod.main([str(runs[0]), str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
-    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'missing'}: no such run directory"
+    assert capsys.readouterr().err.strip() == f"error: RUN_DIR {tmp_path / 'missing'}: no such run directory"
     assert mod.main([str(runs[0]), "--label", "nolabel", "--out", str(tmp_path / "o")]) == 2
     assert "expected NAME=GLOB" in capsys.readouterr().err
     with pytest.raises(ReportError):
