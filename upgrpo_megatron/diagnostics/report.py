@@ -254,14 +254,14 @@ def render_report(run_dir, out_dir=None) -> Path:
     Raises ReportError (one line) when RUN_DIR does not exist or has no metrics.jsonl."""
     run = require_run_dir(run_dir)
     out = Path(out_dir) if out_dir else run / "report"
+    metrics, bad_lines = read_metrics(run)  # every input is read before the output directory is made
+    cfg = read_config(run)
+    reader = DiagnosticsReader(run)
+    samples, _ = read_jsonl(run / "samples.jsonl")
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("curves.png", "heatmaps.png", "log_ratio_hist.png"):  # a figure this run lacks must not linger
         (out / stale).unlink(missing_ok=True)
     plt = pyplot()
-    metrics, bad_lines = read_metrics(run)
-    cfg = read_config(run)
-    reader = DiagnosticsReader(run)
-    samples, _ = read_jsonl(run / "samples.jsonl")
     notes: List[str] = []
     if not metrics:
         notes.append("metrics.jsonl holds no step records yet.")
