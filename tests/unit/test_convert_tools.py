@@ -228,3 +228,83 @@ def test_import_with_force_refuses_an_out_that_is_holds_or_lies_in_the_hf_dir(tm
     proc = _tool("tools/convert_hf_to_megatron.py", "--hf", str(hf), "--out", str(out), "--force", check=False)
     assert f"--out {out} {relation} the input --hf {hf}" in _one_error_line(proc)
     assert _snapshot(tmp_path) == before  # today's code replaced the model with the checkpoint
+
+
+# ---------------------------------------------------------------- the standalone export matches the trainer's
+TINY_HF_CONFIG = {"model_type": "qwen3_moe", "vocab_size": 32, "hidden_size": 64, "num_hidden_layers": 2,
+                  "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 96,
+                  "moe_intermediate_size": 32, "num_experts": 4, "num_experts_per_tok": 2,
+                  "max_position_embeddings": 64}
+
+
+def write_training_checkpoint_and_trainer_export(root: str) -> None:
+    """What a run leaves (run in a subprocess: it makes a process group): a training checkpoint saved with the
+    run's tokenizer, as `Trainer._save_checkpoint` does, and the trainer's own HF export of the same weights
+    (`Trainer._finish`: save_hf_checkpoint with the live tokenizer). The weights make EOS the greedy choice at
+    every position: a large constant in hidden dim 0 of every embedding keeps the final-norm output's dim 0
+    positive, and the output layer reads only that dim, into the EOS row."""
+    from upgrpo_megatron.convert import hf_config_to_model_cfg, megatron_to_hf_stream, save_hf_checkpoint
+    from upgrpo_megatron.data.tokenizer import build_char_tokenizer
+    from upgrpo_megatron.megatron.checkpoint import save_checkpoint
+    from upgrpo_megatron.megatron.model import build_gpt_model
+    from upgrpo_megatron.megatron.parallel import ParallelSizes, destroy, init_distributed, init_model_parallel
+    from upgrpo_megatron.megatron.sharding import iter_full_params
+
+    tok = build_char_tokenizer(TINY_HF_CONFIG["vocab_size"])
+    cfg = hf_config_to_model_cfg(TINY_HF_CONFIG)
+    init_distributed()
+    init_model_parallel(ParallelSizes())
+    model = build_gpt_model(cfg)
+    with torch.no_grad():
+        model.embedding.word_embeddings.weight[:, 0] = 50.0
+        model.output_layer.weight.zero_()
+        model.output_layer.weight[tok.eos_token_id, 0] = 1.0
+    save_checkpoint(Path(root) / "run" / "checkpoints" / "step_000001", model, model_cfg=cfg, tokenizer=tok,
+                    extra_state={"step": 1})
+    save_hf_checkpoint(cfg, megatron_to_hf_stream(cfg, iter_full_params(model)), Path(root) / "trainer_hf",
+                       tokenizer=tok)
+    destroy()
+
+
+def test_standalone_export_writes_the_trainers_token_ids_and_generate_stops_at_eos(tmp_path):
+    import transformers
+
+    from upgrpo_megatron.data.tokenizer import build_char_tokenizer
+
+    _tool("-c", f"from tests.unit.test_convert_tools import write_training_checkpoint_and_trainer_export as w; "
+                f"w({str(tmp_path)!r})")
+    out = tmp_path / "standalone_hf"
+    _tool("tools/convert_megatron_to_hf.py", "--checkpoint", str(tmp_path / "run" / "checkpoints"), "--out", str(out))
+
+    tok = build_char_tokenizer(TINY_HF_CONFIG["vocab_size"])
+    want = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    for name in ("config.json", "generation_config.json"):
+        trainer = json.loads((tmp_path / "trainer_hf" / name).read_text())
+        standalone = json.loads((out / name).read_text())
+        assert {k: trainer.get(k) for k in want} == want, name
+        assert {k: standalone.get(k) for k in want} == want, name  # the standalone export left these out
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    prompt = torch.tensor([tok.encode("3+4=")])
+    with torch.no_grad():
+        got = model.generate(prompt, max_new_tokens=6, do_sample=False)[0, prompt.shape[1]:].tolist()
+    assert got == [tok.eos_token_id], got  # one token, EOS, then stop (it ran on to max_new_tokens before)
+
+
+def test_token_ids_from_tokenizer_files_of_other_layouts(tmp_path):
+    """Older tokenizers: special tokens as serialised AddedTokens, ids in added_tokens_decoder or vocab.json."""
+    from upgrpo_megatron.convert import TokenizerFiles
+    from upgrpo_megatron.convert.token_ids import special_token_ids
+
+    a = tmp_path / "a"
+    a.mkdir()
+    (a / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": {"__type": "AddedToken", "content": "<s>"}, "eos_token": {"content": "</s>"},
+        "added_tokens_decoder": {"0": {"content": "<unk>"}, "1": {"content": "<s>"}, "2": {"content": "</s>"}}}))
+    (a / "special_tokens_map.json").write_text(json.dumps({"pad_token": "<unk>"}))
+    assert special_token_ids(TokenizerFiles.from_dir(a)) == {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    b = tmp_path / "b"
+    b.mkdir()
+    (b / "vocab.json").write_text(json.dumps({"hello": 0, "<|endoftext|>": 7}))
+    (b / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>", "pad_token": "<none>"}))
+    assert special_token_ids(TokenizerFiles.from_dir(b)) == {"eos_token_id": 7}  # an unknown token gets no id
