@@ -2,9 +2,11 @@
 
     python tools/compare_runs.py RUN_DIR RUN_DIR ... [--out DIR] [--label NAME=GLOB ...]
 
-Runs are grouped by algorithm.loss_mode in their config.yaml unless --label is given (a run joins the first
-label whose glob matches its path or directory name); each group is one colour, its seeds a mean line with a
-min..max band. Writes DIR/compare.png, DIR/index.html and DIR/summary.md (printed).
+Runs are grouped by the config.yaml keys in which they differ (all but trainer.seed and trainer.run_dir: runs
+that differ only in those are seeds of one group), with a warning listing those keys; --label groups by path
+instead (a run joins the first label whose glob matches its path or directory name). Each group is one colour,
+its seeds a mean line with a min..max band. Writes DIR/compare.png, DIR/index.html and DIR/summary.md (printed);
+DIR must lie outside every RUN_DIR.
 """
 import argparse
 import sys
