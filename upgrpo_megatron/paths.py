@@ -148,7 +148,8 @@ def _files(root: Path, recursive: bool):
         yield from sorted(f for f in root.iterdir() if not f.is_dir())
         return
     for d, dirs, names in os.walk(root, onerror=_raise_walk_error):
-        dirs.sort()
+        # hidden folders are what a crash leaves (.step_N.tmp, .step_N.old): the tools skip them, so does this
+        dirs[:] = sorted(x for x in dirs if not x.startswith("."))
         yield from (Path(d) / n for n in sorted(names))
 
 

@@ -5,6 +5,7 @@ along; bad input gives one clear line and writes nothing."""
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -218,6 +219,22 @@ def test_export_with_force_refuses_an_out_that_is_holds_or_lies_in_the_checkpoin
     line = _one_error_line(proc)
     assert f"--out {out} {relation} the input --checkpoint {ckpt}" in line
     assert _snapshot(trained_run) == before  # the checkpoint, its optimizer state and the run: byte-identical
+
+
+def test_input_check_skips_what_a_crash_leaves_beside_the_checkpoints(trained_run):
+    """A checkpoint write cut by a crash (.step_N.tmp, half a JSON file) does not stop an export of the run's
+    newest complete checkpoint; the same bytes in a checkpoint that is used are refused with file and line."""
+    from upgrpo_megatron.paths import ToolInputError, check_input_files
+
+    partial = trained_run / "run" / "checkpoints" / ".step_000070.tmp"
+    partial.mkdir()
+    try:
+        (partial / "metadata.json").write_text('{"format_version": 1, "st')
+        check_input_files(trained_run / "run" / "checkpoints", "--checkpoint", recursive=True)
+        with pytest.raises(ToolInputError, match=r"metadata.json line 1: invalid JSON"):
+            check_input_files(partial, "--checkpoint", recursive=True)
+    finally:
+        shutil.rmtree(partial)
 
 
 @pytest.mark.parametrize("relation", ["is", "lies inside", "contains"])
