@@ -95,7 +95,9 @@ def _model_phrase(cfg) -> str:
     layers, experts, k = (config_get(cfg, f"model.{key}") for key in ("num_layers", "num_experts", "moe_router_topk"))
     if not (layers and experts and k):
         return "a mixture-of-experts model"
-    return f"a mixture-of-experts model ({layers} layers, {experts} experts per MoE layer, top-{k} routing)"
+    dense = config_get(cfg, "model.first_k_dense_layers") or 0
+    moe = f", {layers - dense} of them MoE" if isinstance(dense, int) and 0 < dense < layers else ""
+    return f"a mixture-of-experts model ({layers} layers{moe}, {experts} experts per MoE layer, top-{k} routing)"
 
 
 def _rollout_phrase(cfg) -> str:
@@ -111,12 +113,13 @@ GUIDE_LEAD = "How to read this report."
 def reading_guide(cfg, metrics: List[dict]) -> str:
     """One paragraph (printed after GUIDE_LEAD): what the run did, what w and r are, what routing mismatch
     means, in which order to read."""
-    loss = config_get(cfg, "algorithm.loss_mode", "its configured")
+    loss = config_get(cfg, "algorithm.loss_mode")
+    loss = f"the {loss} loss" if loss else "its configured loss"
     steps = max((r["step"] for r in metrics), default=0)
     replay = config_get(cfg, "algorithm.router_replay")
     replay = f" (router replay: {replay})" if replay and replay != "none" else ""
     return (
-        f"This run post-trained {_model_phrase(cfg)} with the {loss} loss for {steps} RL "
+        f"This run post-trained {_model_phrase(cfg)} with {loss} for {steps} RL "
         f"steps: each step the vLLM engine sampled {_rollout_phrase(cfg)}, and the trainer (Megatron) recomputed "
         f"the sampled tokens' probabilities and updated the policy{replay}. Two ratios describe each sampled token. "
         "w = π_trainer/π_rollout is the train-inference mismatch: the same weights give slightly different "
