@@ -7,7 +7,7 @@ The checkpoint loads at any TP/EP layout (the format is layout-free); --tp/--ep 
 (heads, query groups, vocabulary, experts must divide) and, under torchrun, are the layout the ranks build
 and write in parallel. The input is checked completely before anything is written: config.json fields, and
 every tensor's name and shape from the safetensors headers. Bad input ends with one line naming the problem
-and exit status 2, and nothing is written.
+and exit status 2, and nothing is written; an --out that is, contains or lies inside --hf is refused.
 """
 
 from __future__ import annotations
@@ -17,6 +17,18 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def check_arguments(a) -> None:
+    """Everything about the arguments that can be checked before megatron loads: sizes, the HF directory's
+    files (kind, readable, UTF-8 text), and an --out that neither is, contains nor lies inside the input."""
+    from upgrpo_megatron.paths import check_input_files, refuse_overlap, require_output_dir, require_positive
+
+    require_positive(a.tp, "--tp")
+    require_positive(a.ep, "--ep")
+    check_input_files(a.hf, "--hf", required=["config.json"])
+    refuse_overlap(a.out, [("--hf", a.hf)])
+    require_output_dir(a.out)
 
 
 def main(argv=None) -> int:
@@ -33,6 +45,7 @@ def main(argv=None) -> int:
     from upgrpo_megatron.errors import exit_with_message, user_error_types
 
     try:
+        check_arguments(a)
         from upgrpo_megatron.convert.megatron_io import convert_hf_to_megatron
 
         out = convert_hf_to_megatron(a.hf, a.out, tp=a.tp, ep=a.ep, force=a.force, show_progress=not a.no_progress)
@@ -44,9 +57,8 @@ def main(argv=None) -> int:
     except user_error_types() as e:
         return exit_with_message(e, debug=a.debug)
     finally:
-        from upgrpo_megatron.megatron.parallel import destroy
-
-        destroy()
+        if "upgrpo_megatron.megatron.parallel" in sys.modules:  # else no process group was made (and no import)
+            sys.modules["upgrpo_megatron.megatron.parallel"].destroy()
 
 
 if __name__ == "__main__":  # dist_checkpointing.save starts a spawned helper process: keep the guard

@@ -6,8 +6,9 @@ Hugging Face directory loadable by transformers and vLLM.
 CKPT_DIR is one checkpoint (`.../checkpoints/step_000060`) or a run's `checkpoints/` directory (its newest
 complete checkpoint is used). A training checkpoint's optimizer state is ignored. Writes config.json,
 generation_config.json, safetensors (sharded with model.safetensors.index.json above --max-shard-gb) and the
-tokenizer files the checkpoint carries. Runs as one process; memory holds one batch of tensors, not the
-model. Never writes into a non-empty --out without --force; a failure leaves nothing behind.
+tokenizer files the checkpoint carries, with the tokenizer's bos/eos/pad ids in both configs (as in the
+trainer's own export). Runs as one process; memory holds one batch of tensors, not the model. Never writes into
+a non-empty --out without --force, nor into or around the checkpoint; a failure leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -17,6 +18,18 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def check_arguments(a) -> None:
+    """Everything about the arguments that can be checked before megatron loads: sizes, the checkpoint's
+    files (kind, readable, UTF-8 text), and an --out that neither is, contains nor lies inside the input."""
+    from upgrpo_megatron.paths import check_input_files, refuse_overlap, require_output_dir, require_positive
+
+    require_positive(a.max_shard_gb, "--max-shard-gb")
+    require_positive(a.batch_mb, "--batch-mb")
+    check_input_files(a.checkpoint, "--checkpoint", recursive=True)
+    refuse_overlap(a.out, [("--checkpoint", a.checkpoint)])
+    require_output_dir(a.out)
 
 
 def main(argv=None) -> int:
@@ -33,6 +46,7 @@ def main(argv=None) -> int:
     from upgrpo_megatron.errors import exit_with_message, user_error_types
 
     try:
+        check_arguments(a)
         from upgrpo_megatron.convert.megatron_io import convert_megatron_to_hf
 
         out = convert_megatron_to_hf(a.checkpoint, a.out, force=a.force, max_shard_bytes=int(a.max_shard_gb * 1024**3),
@@ -42,9 +56,8 @@ def main(argv=None) -> int:
     except user_error_types() as e:
         return exit_with_message(e, debug=a.debug)
     finally:
-        from upgrpo_megatron.megatron.parallel import destroy
-
-        destroy()
+        if "upgrpo_megatron.megatron.parallel" in sys.modules:  # else no process group was made (and no import)
+            sys.modules["upgrpo_megatron.megatron.parallel"].destroy()
 
 
 if __name__ == "__main__":

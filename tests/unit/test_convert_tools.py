@@ -2,8 +2,10 @@
 HF -> Megatron -> HF is bit-identical for every tensor of both architectures (fp32 and bf16, a dense first
 layer, a sharded export), the export loads in transformers with the same logits, tokenizer and token ids come
 along; bad input gives one clear line and writes nothing."""
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +33,9 @@ def _tensors(hf_dir):
     from safetensors import safe_open
 
     index = Path(hf_dir) / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    files = ["model.safetensors"]
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     out = {}
     for f in files:
         with safe_open(str(Path(hf_dir) / f), "pt") as h:
@@ -156,10 +160,168 @@ def test_cli_refuses_non_empty_output_with_one_line_and_exit_2(hf_dir, tmp_path)
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
+    (tmp_path / "ckpt").mkdir()
     for tool, flag, src in (("tools/convert_hf_to_megatron.py", "--hf", hf_dir),
-                            ("tools/convert_megatron_to_hf.py", "--checkpoint", tmp_path)):
+                            ("tools/convert_megatron_to_hf.py", "--checkpoint", tmp_path / "ckpt")):
         proc = _tool(tool, flag, str(src), "--out", str(out), check=False)
         assert proc.returncode == 2, proc.stderr[-3000:]
         last = proc.stderr.strip().splitlines()[-1]
         assert last.startswith("error: output directory") and "--force" in last and "Traceback" not in proc.stderr
         assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+# ---------------------------------------------------------------- --force never destroys the tool's own input
+def _snapshot(d: Path) -> dict:
+    """Every file's bytes and every directory under d (an added or removed folder counts as a change)."""
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(d.rglob("*"))}
+
+
+def _one_error_line(proc) -> str:
+    err = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert proc.returncode == 2 and len(err) == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A run directory as training leaves it: metrics and a complete checkpoint (converted from a tiny HF model,
+    with an optimizer file beside the model as a training checkpoint has)."""
+    root = tmp_path_factory.mktemp("overlap")
+    src = make_tiny_hf("qwen3_moe", root / "hf")
+    run = root / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 60, "val/acc": 0.7}\n')
+    _tool("tools/convert_hf_to_megatron.py", "--hf", src, "--out", str(run / "checkpoints" / "step_000060"))
+    (run / "checkpoints" / "step_000060" / "optim" / "rank_0.pt").write_bytes(b"adam moments")
+    (root / "run_link").symlink_to(run, target_is_directory=True)
+    return root
+
+
+# --out relative to the workspace: the checkpoint's run (above it), the checkpoint itself, its checkpoints/
+# folder, a folder inside it, and the run through a symlink
+EXPORT_OVERLAPS = {
+    "out_is_the_run_above_the_checkpoint": ("run/checkpoints/step_000060", "run", "contains"),
+    "out_is_the_checkpoint": ("run/checkpoints/step_000060", "run/checkpoints/step_000060", "is"),
+    "out_is_the_checkpoints_folder_given": ("run/checkpoints", "run/checkpoints", "is"),
+    "out_inside_the_checkpoint": ("run/checkpoints/step_000060", "run/checkpoints/step_000060/hf", "lies inside"),
+    "out_is_the_run_through_a_symlink": ("run/checkpoints/step_000060", "run_link", "contains"),
+}
+
+
+@pytest.mark.parametrize("case", list(EXPORT_OVERLAPS))
+def test_export_with_force_refuses_an_out_that_is_holds_or_lies_in_the_checkpoint(trained_run, case):
+    ckpt, out, relation = EXPORT_OVERLAPS[case]
+    ckpt, out = str(trained_run / ckpt), str(trained_run / out)
+    before = _snapshot(trained_run)
+    proc = _tool("tools/convert_megatron_to_hf.py", "--checkpoint", ckpt, "--out", out, "--force", check=False)
+    line = _one_error_line(proc)
+    assert f"--out {out} {relation} the input --checkpoint {ckpt}" in line
+    assert _snapshot(trained_run) == before  # the checkpoint, its optimizer state and the run: byte-identical
+
+
+def test_input_check_skips_what_a_crash_leaves_beside_the_checkpoints(trained_run):
+    """A checkpoint write cut by a crash (.step_N.tmp, half a JSON file) does not stop an export of the run's
+    newest complete checkpoint; the same bytes in a checkpoint that is used are refused with file and line."""
+    from upgrpo_megatron.paths import ToolInputError, check_input_files
+
+    partial = trained_run / "run" / "checkpoints" / ".step_000070.tmp"
+    partial.mkdir()
+    try:
+        (partial / "metadata.json").write_text('{"format_version": 1, "st')
+        check_input_files(trained_run / "run" / "checkpoints", "--checkpoint", recursive=True)
+        with pytest.raises(ToolInputError, match=r"metadata.json line 1: invalid JSON"):
+            check_input_files(partial, "--checkpoint", recursive=True)
+    finally:
+        shutil.rmtree(partial)
+
+
+@pytest.mark.parametrize("relation", ["is", "lies inside", "contains"])
+def test_import_with_force_refuses_an_out_that_is_holds_or_lies_in_the_hf_dir(tmp_path, relation):
+    hf = Path(make_tiny_hf("qwen3_moe", tmp_path / "models" / "hf"))
+    out = {"is": hf, "lies inside": hf / "ckpt", "contains": hf.parent}[relation]
+    before = _snapshot(tmp_path)
+    proc = _tool("tools/convert_hf_to_megatron.py", "--hf", str(hf), "--out", str(out), "--force", check=False)
+    assert f"--out {out} {relation} the input --hf {hf}" in _one_error_line(proc)
+    assert _snapshot(tmp_path) == before  # today's code replaced the model with the checkpoint
+
+
+# ---------------------------------------------------------------- the standalone export matches the trainer's
+TINY_HF_CONFIG = {"model_type": "qwen3_moe", "vocab_size": 32, "hidden_size": 64, "num_hidden_layers": 2,
+                  "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 96,
+                  "moe_intermediate_size": 32, "num_experts": 4, "num_experts_per_tok": 2,
+                  "max_position_embeddings": 64}
+
+
+def write_training_checkpoint_and_trainer_export(root: str) -> None:
+    """What a run leaves (run in a subprocess: it makes a process group): a training checkpoint saved with the
+    run's tokenizer, as `Trainer._save_checkpoint` does, and the trainer's own HF export of the same weights
+    (`Trainer._finish`: save_hf_checkpoint with the live tokenizer). The weights make EOS the greedy choice at
+    every position: a large constant in hidden dim 0 of every embedding keeps the final-norm output's dim 0
+    positive, and the output layer reads only that dim, into the EOS row."""
+    from upgrpo_megatron.convert import hf_config_to_model_cfg, megatron_to_hf_stream, save_hf_checkpoint
+    from upgrpo_megatron.data.tokenizer import build_char_tokenizer
+    from upgrpo_megatron.megatron.checkpoint import save_checkpoint
+    from upgrpo_megatron.megatron.model import build_gpt_model
+    from upgrpo_megatron.megatron.parallel import ParallelSizes, destroy, init_distributed, init_model_parallel
+    from upgrpo_megatron.megatron.sharding import iter_full_params
+
+    tok = build_char_tokenizer(TINY_HF_CONFIG["vocab_size"])
+    cfg = hf_config_to_model_cfg(TINY_HF_CONFIG)
+    init_distributed()
+    init_model_parallel(ParallelSizes())
+    model = build_gpt_model(cfg)
+    with torch.no_grad():
+        model.embedding.word_embeddings.weight[:, 0] = 50.0
+        model.output_layer.weight.zero_()
+        model.output_layer.weight[tok.eos_token_id, 0] = 1.0
+    save_checkpoint(Path(root) / "run" / "checkpoints" / "step_000001", model, model_cfg=cfg, tokenizer=tok,
+                    extra_state={"step": 1})
+    save_hf_checkpoint(cfg, megatron_to_hf_stream(cfg, iter_full_params(model)), Path(root) / "trainer_hf",
+                       tokenizer=tok)
+    destroy()
+
+
+def test_standalone_export_writes_the_trainers_token_ids_and_generate_stops_at_eos(tmp_path):
+    import transformers
+
+    from upgrpo_megatron.data.tokenizer import build_char_tokenizer
+
+    _tool("-c", f"from tests.unit.test_convert_tools import write_training_checkpoint_and_trainer_export as w; "
+                f"w({str(tmp_path)!r})")
+    out = tmp_path / "standalone_hf"
+    _tool("tools/convert_megatron_to_hf.py", "--checkpoint", str(tmp_path / "run" / "checkpoints"), "--out", str(out))
+
+    tok = build_char_tokenizer(TINY_HF_CONFIG["vocab_size"])
+    want = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    for name in ("config.json", "generation_config.json"):
+        trainer = json.loads((tmp_path / "trainer_hf" / name).read_text())
+        standalone = json.loads((out / name).read_text())
+        assert {k: trainer.get(k) for k in want} == want, name
+        assert {k: standalone.get(k) for k in want} == want, name  # the standalone export left these out
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    prompt = torch.tensor([tok.encode("3+4=")])
+    with torch.no_grad():
+        got = model.generate(prompt, max_new_tokens=6, do_sample=False)[0, prompt.shape[1]:].tolist()
+    assert got == [tok.eos_token_id], got  # one token, EOS, then stop (it ran on to max_new_tokens before)
+
+
+def test_token_ids_from_tokenizer_files_of_other_layouts(tmp_path):
+    """Older tokenizers: special tokens as serialised AddedTokens, ids in added_tokens_decoder or vocab.json."""
+    from upgrpo_megatron.convert import TokenizerFiles
+    from upgrpo_megatron.convert.token_ids import special_token_ids
+
+    a = tmp_path / "a"
+    a.mkdir()
+    (a / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": {"__type": "AddedToken", "content": "<s>"}, "eos_token": {"content": "</s>"},
+        "added_tokens_decoder": {"0": {"content": "<unk>"}, "1": {"content": "<s>"}, "2": {"content": "</s>"}}}))
+    (a / "special_tokens_map.json").write_text(json.dumps({"pad_token": "<unk>"}))
+    assert special_token_ids(TokenizerFiles.from_dir(a)) == {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    b = tmp_path / "b"
+    b.mkdir()
+    (b / "vocab.json").write_text(json.dumps({"hello": 0, "<|endoftext|>": 7}))
+    (b / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>", "pad_token": "<none>"}))
+    assert special_token_ids(TokenizerFiles.from_dir(b)) == {"eos_token_id": 7}  # an unknown token gets no id

@@ -178,10 +178,9 @@ def model_cfg_to_hf_config(cfg, tokenizer=None) -> Dict[str, Any]:
     if arch == "qwen2_moe":
         hf["shared_expert_intermediate_size"] = int(_g(cfg, "shared_expert_ffn_hidden_size", 0) or 0)
         hf["qkv_bias"] = True
-    if tokenizer is not None:
-        for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            if getattr(tokenizer, k, None) is not None:
-                hf[k] = int(getattr(tokenizer, k))
+    from upgrpo_megatron.convert.token_ids import special_token_ids
+
+    hf.update(special_token_ids(tokenizer))  # a live tokenizer or the files a checkpoint carries: same ids
     return hf
 
 

@@ -1,7 +1,9 @@
 """Reading a run directory for the reports: metrics.jsonl, samples.jsonl, config.yaml, and figure helpers.
 
-Tolerant by design: a line cut by a crash is skipped (and counted), a missing file is an empty result; only a
-run directory that is not there or has no metrics.jsonl is an error (`ReportError`, one line).
+Tolerant of what a crash leaves: a line cut by a crash is skipped (and counted), a missing file is an empty
+result. An error (one line naming the file, and the line where there is one) is a run directory that is not
+there or has no metrics.jsonl (`ReportError`), and a file that is there but cannot be read or is not UTF-8 text
+(`paths.ToolInputError`): the trainer writes ASCII, so such a file is not the run's and is not guessed at.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from upgrpo_megatron.errors import UpgrpoError
+from upgrpo_megatron.paths import read_text
 
 
 class ReportError(UpgrpoError, ValueError):
@@ -22,10 +25,10 @@ class ReportError(UpgrpoError, ValueError):
 
 def read_jsonl(path: Path) -> Tuple[List[dict], int]:
     """(records that parse as JSON objects, number of lines skipped)."""
-    if not path.is_file():
+    if not path.exists():
         return [], 0
     out, bad = [], 0
-    for line in path.read_text(errors="replace").splitlines():
+    for line in read_text(path).splitlines():
         if not line.strip():
             continue
         try:
@@ -43,8 +46,8 @@ def read_jsonl(path: Path) -> Tuple[List[dict], int]:
 def require_run_dir(run_dir) -> Path:
     run = Path(run_dir)
     if not run.is_dir():
-        raise ReportError(f"{run}: no such run directory")
-    if not (run / "metrics.jsonl").is_file():
+        raise ReportError(f"{run}: {'not a directory' if run.exists() else 'no such run directory'}")
+    if not (run / "metrics.jsonl").exists():
         raise ReportError(f"{run}: no metrics.jsonl (is this a run directory?)")
     return run
 
@@ -74,14 +77,15 @@ def series(metrics: List[dict], key: str) -> Tuple[List[int], List[float]]:
 
 
 def read_config(run: Path) -> Optional[dict]:
-    """config.yaml as a dict, or None when absent or unreadable."""
+    """config.yaml as a dict, or None when absent or not valid YAML."""
     path = run / "config.yaml"
-    if not path.is_file():
+    if not path.exists():
         return None
+    text = read_text(path)  # unreadable or not UTF-8: an error naming it, not a silent "no config"
     try:
         import yaml
 
-        cfg = yaml.safe_load(path.read_text())
+        cfg = yaml.safe_load(text)
     except Exception:  # a broken config must not stop a report; the caller says it is missing
         return None
     return cfg if isinstance(cfg, dict) else None
