@@ -34,9 +34,11 @@ def main(argv=None) -> int:
         from upgrpo_megatron.calibrate import calibrate, format_table
         from upgrpo_megatron.config import ConfigError, load_recipe
 
+        from upgrpo_megatron.paths import require_output_dir
+
         if any(s < 0 for s in a.sigmas):
             raise ConfigError(f"--sigmas {a.sigmas}: noise levels must be >= 0")
-        out = Path(a.out)
+        out = require_output_dir(a.out)
         scratch = tempfile.mkdtemp(prefix="calibrate_")
         cfg = load_recipe(a.recipe, [*a.overrides, f"trainer.run_dir={scratch}", "trainer.report=false",
                                      "trainer.export_hf=false", "trainer.tensorboard=false"])
