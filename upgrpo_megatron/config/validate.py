@@ -53,7 +53,7 @@ POSITIVE = [
     "data.arithmetic_max_operand", "sft_warmup.batch_size", "rollout.n", "rollout.kv_cache_gib", "rollout.val_n",
     "rollout.temperature",
     "actor.ppo_epochs", "actor.ppo_mini_batch_size", "actor.micro_batch_size", "actor.max_bad_steps",
-    "trainer.total_steps", "trainer.prompts_per_step", "trainer.save_every", "trainer.keep_checkpoints",
+    "trainer.prompts_per_step", "trainer.save_every", "trainer.keep_checkpoints",
     "diagnostics.save_every", "rollout.sync_every", "correction.tis_cap", "correction.icepop_high",
     "correction.seq_high", "correction.routing_min_layers", "trainer.max_steps_without_update",
 ]
@@ -64,6 +64,7 @@ NON_NEGATIVE = [
     "algorithm.overlong_penalty_factor", "algorithm.kl_loss_coef", "algorithm.entropy_coeff", "actor.lr",
     "actor.lr_warmup_steps", "actor.min_lr", "actor.weight_decay", "actor.grad_clip", "trainer.eval_every",
     "diagnostics.log_prob_diff_threshold", "trainer.samples_per_step", "rollout.router_noise",
+    "trainer.total_steps",  # 0: the SFT warm-up and the step-0 eval and checkpoint only (an experiment's SFT job)
     "correction.icepop_low", "correction.seq_low", "correction.routing_weight",
 ]
 
