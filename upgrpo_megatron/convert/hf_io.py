@@ -16,11 +16,7 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 
-from upgrpo_megatron.errors import UpgrpoError
-
-
-class ConversionError(UpgrpoError, ValueError):
-    """A checkpoint or HF directory cannot be converted; the message names the file or tensor."""
+from upgrpo_megatron.convert.errors import ConversionError  # noqa: F401 (re-exported)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",

@@ -18,6 +18,8 @@ import json
 from pathlib import Path
 from typing import Dict, Optional
 
+from upgrpo_megatron.convert.errors import ConversionError
+
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
@@ -37,8 +39,6 @@ def _read_json(path: Optional[Path]):
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        from upgrpo_megatron.convert.hf_io import ConversionError
-
         raise ConversionError(f"{path}: cannot read the tokenizer's special tokens ({type(e).__name__}: {e})") from None
 
 
