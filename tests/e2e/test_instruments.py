@@ -81,3 +81,52 @@ def test_router_noise_makes_the_engine_route_differently_and_bypass_mode_puts_it
     assert abs(m["actor/ppo_kl"]) > 1e-5
     assert m["rollout/staleness"] == 0.0
 
+
+
+@pytest.fixture(scope="module")
+def calibration(tmp_path_factory):
+    out = tmp_path_factory.mktemp("calibration")
+    env = dict(os.environ, OMP_NUM_THREADS="1", UPGRPO_NO_PROGRESS="1")
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "calibrate_router_noise.py"),
+                           str(ROOT / "recipes" / "qwen_moe.yaml"), "sft_warmup.steps=100", "data.num_val=40",
+                           "--sigmas", "0", "0.1", "0.3", "1.0", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        pytest.fail(f"calibration failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return out, json.loads((out / "calibration.json").read_text())
+
+
+def test_the_measured_pair_mismatch_rises_monotonically_with_the_router_noise_from_zero(calibration):
+    _, rows = calibration
+    mis = [r["pair_mismatch"] for r in rows]
+    assert mis[0] == 0.0 and all(b > a for a, b in zip(mis, mis[1:])), mis
+    # the ratio the bypass loss uses for A <= 0 tokens (at theta = pi_old it is w): its variance rises with the noise
+    # (one batch per level: the trend, not every neighbouring pair, is what a test can hold it to)
+    var_neg = [r["w_var_neg"] for r in rows]
+    assert var_neg[0] < 1e-9 < var_neg[1] < var_neg[-1] and max(var_neg) == max(var_neg[2:]), var_neg
+
+
+def test_up_grpo_gradient_of_a_positive_tokens_ignores_the_mismatch_while_dapo_feels_it(calibration):
+    """On the recorded tensors of each noise level, with pi_old = the engine's log-probs (bypass mode) and the
+    sequence-sum aggregation (gradient of a token = its own term / number of sequences): UP-GRPO's gradient on an
+    A > 0 token is -A / n whatever the noise; the clipped loss's is -A r / n, r = pi_trainer / pi_rollout."""
+    import torch
+
+    from upgrpo_megatron.losses import compute_policy_loss
+
+    out, rows = calibration
+    scaled = {"up_grpo": [], "vanilla": []}  # gradient / (-A / n) on the A > 0 tokens, per noise level
+    for mode in scaled:
+        for r in rows:
+            t = torch.load(out / f"sigma_{r['sigma']:g}.pt", weights_only=True)
+            lp = t["trainer_log_prob"].double().requires_grad_(True)
+            loss, _ = compute_policy_loss(t["rollout_log_prob"].double(), lp, t["advantages"].double(),
+                                          t["response_mask"], loss_mode=mode, loss_agg_mode="seq-mean-token-sum")
+            loss.backward()
+            n = int((t["response_mask"].sum(1) > 0).sum())
+            pos = (t["advantages"] > 0) & (t["response_mask"] > 0)
+            scaled[mode].append(lp.grad[pos] / (-t["advantages"][pos].double() / n))
+    for g in scaled["up_grpo"]:
+        assert torch.allclose(g, torch.ones_like(g), rtol=1e-10), "UP-GRPO's A > 0 gradient depends on pi_old"
+    spread = [float(g.std()) for g in scaled["vanilla"]]
+    assert spread[0] < 1e-5 and spread[-1] > 1e-3, spread  # r ~ 1 without noise, spread out with it
