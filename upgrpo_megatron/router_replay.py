@@ -36,8 +36,9 @@ class ReplayTrainerRouting(NoReplay):
     records_drift = False
 
     def old_log_prob(self, actor, local: Batch, micro_batch_size: int) -> Batch:
-        old = actor.compute_log_prob(local, micro_batch_size, record_routing=True)
-        local["replay"] = actor.full_routing(local["input_ids"], micro_batch_size)
+        # one pass: pi_old and the routing of every position, which the update then replays
+        old = actor.compute_log_prob(local, micro_batch_size, record_routing=True, keep_full_routing=True)
+        local["replay"] = old.pop("full_routing")
         return old
 
 
@@ -47,9 +48,10 @@ class ReplayRolloutRouting(NoReplay):
     records_drift = False
 
     def old_log_prob(self, actor, local: Batch, micro_batch_size: int) -> Batch:
-        full = actor.full_routing(local["input_ids"], micro_batch_size)
-        local["replay"] = merge_rollout_routing(full, local)
-        old = actor.compute_log_prob(local, micro_batch_size, record_routing=True)
+        # two passes: the trainer's own routing (recorded for the diagnostics, and used at prompt positions), then
+        # pi_old under the engine's routing at response positions
+        old = actor.compute_log_prob(local, micro_batch_size, record_routing=True, keep_full_routing=True)
+        local["replay"] = merge_rollout_routing(old.pop("full_routing"), local)
         replayed = actor.compute_log_prob(local, micro_batch_size, record_routing=False, replay_key="replay")
         old["log_prob"] = replayed["log_prob"]
         return old

@@ -30,8 +30,8 @@ ids = torch.randint(3, cfg.model.vocab_size, (B, P + R), generator=g)
 batch = {"input_ids": ids, "prompt_lens": torch.full((B,), P), "response_mask": torch.ones(B, R)}
 E, K = cfg.model.num_experts, cfg.model.moe_router_topk
 
-own = actor.full_routing(ids, 8)                                      # [B, S, L, k] the trainer's routing
-base = actor.compute_log_prob(batch, 8, record_routing=True)
+base = actor.compute_log_prob(batch, 8, record_routing=True, keep_full_routing=True)
+own = base.pop("full_routing")                                        # [B, S, L, k] the trainer's routing
 replay_own = actor.compute_log_prob({**batch, "replay": own}, 8, record_routing=False, replay_key="replay")
 swapped = own.flip(-1)                                                # same expert sets, other top-k order
 replay_swapped = actor.compute_log_prob({**batch, "replay": swapped}, 8, record_routing=False, replay_key="replay")

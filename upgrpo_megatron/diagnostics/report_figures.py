@@ -214,13 +214,9 @@ def ratio_heatmaps(plt, s: ExpertStats, out: Path) -> Optional[Figure]:
     title = "Ratio variance per expert, by sign of the advantage"
     if all(flats):
         return Figure(title, None, None, RATIO_DEFINITION, statements)
-    fig, axes = plt.subplots(len(rows), 2, figsize=(13, 3.6 * len(rows)), squeeze=False)
-    for i, ((var, name, _), flat, (ax_pos, ax_neg)) in enumerate(zip(rows, flats, axes)):
-        if flat is not None:
-            ax_pos.remove()  # one sentence across the row instead of two panels of noise
-            ax_neg.remove()
-            _text_panel(fig.add_subplot(axes[0, 0].get_gridspec()[i, :]), f"variance of {name}", flat)
-            continue
+    drawn = [row for row, flat in zip(rows, flats) if flat is None]  # a flat row is said in words, not drawn
+    fig, axes = plt.subplots(len(drawn), 2, figsize=(13, 3.6 * len(drawn)), squeeze=False)
+    for (var, name, _), (ax_pos, ax_neg) in zip(drawn, axes):
         vmax = float(np.nanmax(var.by_sign)) if np.isfinite(var.by_sign).any() else None  # one scale per row
         for ax, sign, label in ((ax_pos, 0, "A > 0"), (ax_neg, 1, "A ≤ 0")):
             _heatmap(ax, fig, var.by_sign[..., sign], f"variance of {name}, {label}", "viridis", vmax=vmax)

@@ -127,6 +127,12 @@ class MegatronActor:
         Returns:
             log_prob `[batch, R]`, entropy `[batch, R]`, routing `[batch, R, moe_layers, k]` or None.
         """
+        log_prob, entropy, routing, _ = self._forward(input_ids, prompt_lens, response_len,
+                                                      record_routing=record_routing, replay_routing=replay_routing)
+        return log_prob, entropy, routing
+
+    def _forward(self, input_ids, prompt_lens, response_len, *, record_routing, replay_routing):
+        """`forward`, plus the recorded routing of every input position `[batch, seq, moe_layers, k]` (or None)."""
         b, s = input_ids.shape
         ids = pad_sequence_dim(input_ids, self.tp if self.sequence_parallel else 1)
         if replay_routing is not None:
@@ -143,46 +149,34 @@ class MegatronActor:
             RouterReplay.clear_global_indices()
         routing = None
         if routing_full is not None:
+            routing_full = routing_full[:, :s]
             t = torch.arange(response_len, device=ids.device)
             tok_pos = (prompt_lens.unsqueeze(1) + t).clamp(0, s - 1)
             idx = tok_pos[:, :, None, None].expand(-1, -1, routing_full.shape[2], routing_full.shape[3])
-            routing = routing_full[:, :s].gather(1, idx)
-        return log_prob, entropy, routing
+            routing = routing_full.gather(1, idx)
+        return log_prob, entropy, routing, routing_full
 
     # ------------------------------------------------------------------ old log-probs
     @torch.no_grad()
     def compute_log_prob(self, batch: Batch, micro_batch_size: int, *, record_routing: bool = True,
-                         replay_key: Optional[str] = None) -> Batch:
-        """pi_old pass: log-prob, entropy and (RECORD) routing for every response token, micro-batched."""
+                         replay_key: Optional[str] = None, keep_full_routing: bool = False) -> Batch:
+        """pi_old pass: log-prob, entropy and (RECORD) routing for every response token, micro-batched.
+        `keep_full_routing`: also the routing of every input position, "full_routing" `[batch, seq, layers, k]`
+        (what R2/R3 replay), from the same forward pass."""
         self.model.eval()
-        out: Dict[str, list] = {"log_prob": [], "entropy": [], "routing": []}
+        out: Dict[str, list] = {"log_prob": [], "entropy": [], "routing": [], "full_routing": []}
         R = batch["response_mask"].shape[1]
         for sl in _slices(batch["input_ids"].shape[0], micro_batch_size):
             replay = batch[replay_key][sl] if replay_key else None
-            lp, ent, routing = self.forward(batch["input_ids"][sl], batch["prompt_lens"][sl], R,
-                                            record_routing=record_routing, replay_routing=replay)
+            lp, ent, routing, full = self._forward(batch["input_ids"][sl], batch["prompt_lens"][sl], R,
+                                                   record_routing=record_routing, replay_routing=replay)
             out["log_prob"].append(lp)
             out["entropy"].append(ent)
             if routing is not None:
                 out["routing"].append(routing)
+            if keep_full_routing and full is not None:
+                out["full_routing"].append(full)
         return {k: torch.cat(v) for k, v in out.items() if v}
-
-    @torch.no_grad()
-    def full_routing(self, input_ids: torch.Tensor, micro_batch_size: int) -> torch.Tensor:
-        """Trainer routing of every input position, `[batch, seq, moe_layers, k]` (R2/R3 replay tensors)."""
-        self.model.eval()
-        parts = []
-        for sl in _slices(input_ids.shape[0], micro_batch_size):
-            ids = pad_sequence_dim(input_ids[sl], self.tp if self.sequence_parallel else 1)
-            pos = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
-            RouterReplay.set_global_router_replay_action(RouterReplayAction.RECORD)
-            try:
-                self.model(ids, pos, None)
-                parts.append(self._recorded_routing(ids.shape[0], ids.shape[1])[:, : input_ids.shape[1]])
-            finally:
-                RouterReplay.clear_global_router_replay_action()
-                RouterReplay.clear_global_indices()
-        return torch.cat(parts)
 
     # ------------------------------------------------------------------ update
     @torch.no_grad()
