@@ -14,7 +14,7 @@ import pytest
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 ROOT = Path(__file__).resolve().parents[2]
-SHORT = ["sft_warmup.steps=30", "data.num_val=40", "rollout.val_sample_n=0", "trainer.prompts_per_step=8", "actor.ppo_mini_batch_size=4", "rollout.n=4",
+SHORT = ["sft_warmup.steps=30", "data.arithmetic_max_operand=9", "data.num_val=40", "rollout.val_sample_n=0", "trainer.prompts_per_step=8", "actor.ppo_mini_batch_size=4", "rollout.n=4",
          "trainer.eval_every=0", "trainer.report=false", "trainer.export_hf=false", "trainer.tensorboard=false"]
 LR = 3e-4
 
