@@ -9,7 +9,7 @@ RECIPE ?= recipes/qwen_moe.yaml
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup train test bench report compare clean-venv
+.PHONY: setup train test test-fast lint bench report experiment clean-venv
 
 setup: $(STAMP)
 
@@ -36,17 +36,20 @@ endif
 test: $(STAMP)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
+# a few minutes: everything that needs no vLLM engine and no multi-process launch
+test-fast: $(STAMP)
+	$(PY) -m pytest tests/unit -m "not slow" -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
 bench: $(STAMP)
 	$(PY) bench/run_all.py
 
-# The README's UP-GRPO vs DAPO table: 3 seeds of each recipe (resumable: finished runs are kept), then the figure.
-SEEDS ?= 1 2 3
-compare: $(STAMP)
-	for s in $(SEEDS); do \
-	  $(VENV)/bin/torchrun --standalone --nproc_per_node=1 tools/train_moe.py recipes/qwen_moe.yaml trainer.seed=$$s trainer.run_dir=runs/up_grpo_s$$s && \
-	  $(VENV)/bin/torchrun --standalone --nproc_per_node=1 tools/train_moe.py recipes/qwen_moe_dapo.yaml trainer.seed=$$s trainer.run_dir=runs/dapo_s$$s || exit 1; \
-	done
-	$(PY) tools/compare_runs.py $(foreach s,$(SEEDS),runs/up_grpo_s$(s) runs/dapo_s$(s)) --out runs/compare
+# The README's experiment: arms x seeds on one post-SFT model per seed (resumable: finished runs are kept).
+EXPERIMENT ?= experiments/miniature.yaml
+experiment: $(STAMP)
+	$(PY) tools/run_experiment.py $(EXPERIMENT)
 
 report: $(STAMP)
 	$(PY) tools/routing_report.py runs/qwen_moe
