@@ -69,7 +69,7 @@ def main(argv=None) -> int:
                     return rc  # every arm of that seed needs it
         from upgrpo_megatron.diagnostics.experiment import write_results
 
-        chosen = [b for b in exp.blocks if not a.blocks or b.name in a.blocks]
+        chosen = [b for b in exp.blocks if not a.blocks or b.name in a.blocks]  # results in the file's order
         blocks = []
         for b in chosen:
             arms = {arm: [r.run_dir for r in runs if r.block == b.name and r.arm == arm and r.done] for arm in b.arms}

@@ -123,8 +123,9 @@ def plan(exp: Experiment, out: Path, *, blocks: Sequence[str] = (), seeds: Seque
     """Every run of the experiment in the order to run them: each seed's SFT job, then the arms."""
     out = Path(out)
     seeds = list(seeds) or exp.seeds
-    chosen = [b for b in exp.blocks if not blocks or b.name in blocks]
-    unknown = set(blocks) - {b.name for b in exp.blocks}
+    by_name = {b.name: b for b in exp.blocks}
+    chosen = [by_name[n] for n in blocks if n in by_name] if blocks else exp.blocks  # in the order asked for
+    unknown = set(blocks) - set(by_name)
     if unknown:
         raise ExperimentError(f"--blocks {sorted(unknown)}: the experiment has {[b.name for b in exp.blocks]}")
     runs = []
