@@ -24,6 +24,8 @@ def main(argv=None) -> int:
                     help="validate the recipe, print the parallel layout and a per-GPU memory estimate, exit")
     ap.add_argument("--world-size", type=int, default=None,
                     help="world size for --dry-run (default: WORLD_SIZE, else trainer.world_size_hint, else 1)")
+    ap.add_argument("--gpu-mem-gib", type=float, default=80.0,
+                    help="for --dry-run: warn when the per-GPU peak estimate exceeds this (default 80)")
     ap.add_argument("--debug", action="store_true", help="show full tracebacks")
     a = ap.parse_intermixed_args(argv)  # overrides may come before or after the flags
 
@@ -37,7 +39,7 @@ def main(argv=None) -> int:
             from upgrpo_megatron.sizing import dry_run
 
             world = a.world_size or int(os.environ.get("WORLD_SIZE", 0)) or None
-            print(dry_run(cfg, world))
+            print(dry_run(cfg, world, gpu_mem_gib=a.gpu_mem_gib))
             return 0
         from upgrpo_megatron.trainer import Trainer
 

@@ -108,6 +108,7 @@ class RolloutConfig:
     capture_routing: bool = True
     val_temperature: float = 0.0
     val_n: int = 1
+    tp: int = 1                          # GPU: ranks per vLLM engine (external_launcher); CPU: 1 (engine per DP rank)
 
 
 @dataclass
