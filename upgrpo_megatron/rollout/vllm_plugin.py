@@ -43,6 +43,20 @@ def _die_with_parent() -> None:
         return
     if os.getppid() == 1:  # the parent was already gone before the request took effect
         os._exit(1)
+    _leave_terminal()
+
+
+def _leave_terminal() -> None:
+    """Keep the terminal's Ctrl-C away from the engine: the trainer decides when its engine stops (it
+    finishes the step and checkpoints on SIGINT). A process started from a shell shares the terminal's
+    foreground process group, which receives SIGINT; a session of its own has no terminal. The trainer still
+    stops the engine (shutdown, or PDEATHSIG above when it dies)."""
+    try:
+        os.setsid()
+    except OSError:  # already a session or group leader: ignore the terminal's SIGINT instead
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def register() -> None:
