@@ -26,12 +26,14 @@ FAST = ["sft_warmup.steps=20", "trainer.prompts_per_step=4", "rollout.n=4", "act
 class Trainer:
     """One `torchrun tools/train_moe.py` process tree in its own session; output goes to a log file."""
 
-    def __init__(self, run_dir: Path, *overrides: str, log: Path, faults: str = "", nproc: int = 1):
+    def __init__(self, run_dir: Path, *overrides: str, log: Path, faults: str = "", nproc: int = 1,
+                 launcher_args: tuple = ()):
         env = dict(os.environ, OMP_NUM_THREADS="1", UPGRPO_NO_PROGRESS="1", PYTHONUNBUFFERED="1")
         if faults:
             env["UPGRPO_FAULTS"] = faults
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(ROOT / "tools" / "train_moe.py"), str(RECIPE), f"trainer.run_dir={run_dir}", *FAST, *overrides]
+               *launcher_args, str(ROOT / "tools" / "train_moe.py"), str(RECIPE), f"trainer.run_dir={run_dir}",
+               *FAST, *overrides]
         self.log = Path(log)
         self._fh = open(self.log, "w")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self._fh, stderr=subprocess.STDOUT,
@@ -58,6 +60,19 @@ class Trainer:
                 os.kill(child.pid, sig)
                 return
         raise AssertionError("no trainer rank found to signal")
+
+    def ranks(self) -> dict:
+        """{global rank: psutil.Process} of the trainer ranks running now (read from each worker's RANK)."""
+        import psutil
+
+        out = {}
+        for child in psutil.Process(self.proc.pid).children(recursive=True):
+            try:
+                if "train_moe.py" in " ".join(child.cmdline()) and "RANK" in child.environ():
+                    out[int(child.environ()["RANK"])] = child
+            except psutil.Error:
+                pass
+        return out
 
     def kill_all(self) -> None:
         """SIGKILL the whole tree: torchrun, its ranks and the engine processes (like a node failure).
