@@ -77,8 +77,10 @@ class EnginePlacement:
         kind = (f"vLLM external_launcher, tensor parallel over {self.group_size} GPU(s), in the trainer processes"
                 if self.in_process else "an independent vLLM engine (own processes)")
         g = self.group_size
-        who = ("every rank of the group runs it (SPMD)" if self.in_process
-               else "driven by the group's first rank" + (f"; the other {g - 1} only send their shards" if g > 1 else ""))
+        others = f"; the other {g - 1} only send their shards" if g > 1 else ""
+        who = f"driven by the group's first rank{others}"
+        if self.in_process:
+            who = "every rank of the group runs it (SPMD)"
         holds = f"1/{g} of every weight (its TP shard)" if self.in_process and g > 1 else "a full copy of the weights"
         return [f"{self.num_engines} rollout engine(s), one per {g} consecutive rank(s): {kind}; {who}; "
                 f"each holds {holds} and its own KV cache, generates prompts k, k + {self.num_engines}, ... "
