@@ -171,12 +171,12 @@ def synced_mb(out):
 
 @pytest.mark.distributed
 def test_two_ranks_with_expert_parallelism_train_end_to_end(tmp_path):
-    """EP=2 (dense data parallelism 2): two engines, each fed the other rank's experts through an EP all-gather
-    and nothing else. (Not compared with the one-rank run: megatron draws expert weights from per-EP-rank
-    random streams, so EP=2 starts from other initial weights.)"""
+    """EP=2 (dense data parallelism 2) with the distributed optimizer: two engines, each fed the other rank's
+    experts through an EP all-gather and nothing else. (Not compared with the one-rank run: megatron draws
+    expert weights from per-EP-rank random streams, so EP=2 starts from other initial weights.)"""
     d = tmp_path / "ep2"
-    out = train(d, "parallel.ep=2", "trainer.total_steps=1", "trainer.report=false", "trainer.export_hf=false",
-                nproc=2).stdout
+    out = train(d, "parallel.ep=2", "parallel.use_distributed_optimizer=true", "trainer.total_steps=1",
+                "trainer.report=false", "trainer.export_hf=false", nproc=2).stdout
     assert "rollout: 2 rollout engine(s)" in out
     gathered, into_engine = synced_mb(out)
     # experts: 2 layers x 8 x (gate, up, down) of 64 x 128 fp32 = 1.57 MB, half of them held by the other rank
@@ -186,3 +186,4 @@ def test_two_ranks_with_expert_parallelism_train_end_to_end(tmp_path):
     assert len([x for x in samples(d) if x["step"] == 1]) == 32
     assert m[1]["mismatch/routing/pair_frac"] < 0.01 and abs(m[1]["mismatch/token_mult_prob_error"] - 1.0) < 1e-3
     assert (d / "checkpoints" / "step_000001" / "COMPLETE").exists()
+    assert (d / "checkpoints" / "step_000001" / "optim" / "distributed" / ".metadata").exists()
