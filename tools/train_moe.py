@@ -32,6 +32,8 @@ def main(argv=None) -> int:
     ap.add_argument("--print-config", action="store_true", help="print the resolved recipe (YAML) and exit")
     ap.add_argument("--verbose", action="store_true",
                     help="show third-party output (vLLM, Megatron, torch) in the terminal instead of RUN_DIR/logs/")
+    ap.add_argument("--gpu-mem-gib", type=float, default=80.0,
+                    help="for --dry-run: warn when the per-GPU peak estimate exceeds this (default 80)")
     ap.add_argument("--debug", action="store_true", help="show full tracebacks")
     a = ap.parse_intermixed_args(argv)  # overrides may come before or after the flags
 
@@ -56,7 +58,7 @@ def main(argv=None) -> int:
             from upgrpo_megatron.sizing import dry_run
 
             world = a.world_size or int(os.environ.get("WORLD_SIZE", 0)) or None
-            print(dry_run(cfg, world))
+            print(dry_run(cfg, world, gpu_mem_gib=a.gpu_mem_gib))
             return 0
         from upgrpo_megatron.trainer import Trainer
 

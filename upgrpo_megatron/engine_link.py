@@ -1,30 +1,58 @@
-"""The trainer's one door to the rollout tier: start the engine, generate, sync weights, track the version.
+"""The trainer's one door to the rollout tier: start the engines, generate, sync weights, track the version.
 
     client = RolloutClient(cfg, tokenizer, run_dir)
-    client.start(weights, version)         # collective: exports the actor's weights, starts vLLM
+    client.start(weights, version)         # collective: starts the engines, streams the actor's weights in
     batch = client.generate(prompt_ids, n=8, temperature=1.0, seed=s)   # the same RolloutBatch on every rank
-    client.sync(weights)                   # collective: streams the actor's weights into the engine
+    client.sync(weights)                   # collective: streams the actor's weights into the engines
     client.shutdown()
 
-`weights` is a zero-argument callable returning the actor's full weights as HF-named tensors; iterating it
-is a collective over the model-parallel groups (every rank iterates, see `megatron/sharding.py`).
+`weights` is `actor_hf_weights(model_cfg, module)`: called, it streams the actor's full weights as HF-named
+tensors on every rank; `weights.for_ranks(receivers, stats)` streams them only to the ranks that feed an
+engine, gathered inside the TP/EP groups that hold them (`megatron/weight_sync.py`). Iterating either is a
+collective over the model-parallel groups: every rank iterates.
 
-Placement today: one vLLM engine, driven by global rank 0, generates the whole step; the batch is broadcast
-to every rank. All ranks join each weight gather; rank 0 streams the HF-named tensors into its engine.
+Placement (`rollout/placement.py`): one engine per data-parallel replica of the actor, colocated with it.
+On CPU an independent vLLM engine per TP group (driven by its TP rank 0); on GPU vLLM's `external_launcher`
+engine spanning `rollout.tp` ranks, run inside the trainer processes. Engine k generates the prompts
+k, k + E, ... of the step, seeded by global prompt index, and the ranks exchange their shards in engine order
+(`all_gather_object`), so every rank holds the whole batch and a seeded step gives the same batch for any
+number of engines.
+
+Engines start on dummy weights (`load_format="dummy"`, only a config.json on disk) and receive the actor's
+weights through the same in-memory sync as every later step: no checkpoint is written for them, and each
+node needs only its own small config directory.
+
+Failures: an engine that fails (to start, generate or sync) on any rank stops every rank with one message
+naming that rank; the failed rank still takes part in the step's gathers, so no rank waits forever.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
+import time
 from pathlib import Path
-from typing import Callable, Iterator, List, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
 
-from upgrpo_megatron.distributed import broadcast_object, rank
+from upgrpo_megatron import console
+from upgrpo_megatron.distributed import rank, world_size
 from upgrpo_megatron.errors import TrainingStopped
 
 WeightStream = Callable[[], Iterator[Tuple[str, torch.Tensor]]]
+SYNC_BUCKET_BYTES = 256 * 1024**2  # per call into the engine process; a MoE layer's experts may span buckets
+
+
+def all_gather_objects(obj) -> list:
+    """`obj` of every rank, in rank order (a list of one in a world of one)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 class RolloutClient:
@@ -33,72 +61,80 @@ class RolloutClient:
         self.tokenizer = tokenizer
         self.init_dir = Path(run_dir) / "engine_init"
         self.engine = None
+        self.placement = None
         self.weight_version = 0
+        self.last_sync = None  # SyncStats of the latest sync on this rank
+        self._told_routing = False
+
+    # --------------------------------------------------------------------------------------------- layout
+    def _build_placement(self):
+        from megatron.core import parallel_state as ps
+
+        from upgrpo_megatron.config import ConfigError
+        from upgrpo_megatron.rollout.placement import EnginePlacement
+
+        try:
+            return EnginePlacement.build(world_size=world_size(), tp=ps.get_tensor_model_parallel_world_size(),
+                                         rollout_tp=self.cfg.rollout.tp, on_gpu=torch.cuda.is_available())
+        except ValueError as e:
+            raise ConfigError(f"{e} (in {self.cfg.source})") from None
 
     @property
     def is_driver(self) -> bool:
-        return rank() == 0
+        return self.engine is not None
 
-    def start(self, weights: WeightStream, version: int) -> None:
-        """Export the current weights once as an HF directory and start vLLM on rank 0. The engine starts from
-        these weights, so it holds `version` (on resume: the checkpoint's)."""
-        from upgrpo_megatron.convert import save_hf_checkpoint
+    def _engine_name(self, r: int) -> str:
+        p = self.placement
+        if p.num_engines == 1:
+            return ""
+        return f" on data-parallel rank {p.engine_of(r)} (engine {p.engine_of(r)} of {p.num_engines}, global rank {r})"
 
-        tensors = list(self._engine_view(weights(), version))  # collective: every rank iterates
-        if self.is_driver:
-            if self.init_dir.exists():
-                shutil.rmtree(self.init_dir)
-            save_hf_checkpoint(self.cfg.model, iter(tensors), self.init_dir, tokenizer=self.tokenizer)
-            from upgrpo_megatron.rollout import RolloutEngine
+    def _agree(self, what: str, error: Optional[Exception], before_update: bool) -> None:
+        """Every rank learns whether any engine failed; all raise the first failure's message."""
+        failed = [(r, e) for r, e in enumerate(all_gather_objects(None if error is None else str(error))) if e]
+        if not failed:
+            return
+        r, msg = failed[0]
+        more = f" (and {len(failed) - 1} more rank(s))" if len(failed) > 1 else ""
+        raise TrainingStopped(f"rollout engine failed{self._engine_name(r)}{more} during {what}: {msg}",
+                              before_update=before_update)
 
-            r = self.cfg.rollout
-            self.engine = RolloutEngine(
-                str(self.init_dir), dtype={"fp32": "float32", "bf16": "bfloat16"}.get(r.dtype, r.dtype),
-                seed=self.cfg.trainer.seed,
-                max_model_len=self.cfg.data.max_prompt_length + self.cfg.data.max_response_length,
-                kv_cache_gib=r.kv_cache_gib, enforce_eager=r.enforce_eager, capture_routing=r.capture_routing,
-                gpu_memory_utilization=r.gpu_memory_utilization,
-            )
-            self.engine.weight_version = version
-        del tensors
-        self.weight_version = version
+    # -------------------------------------------------------------------------------------------- lifecycle
+    def start(self, weights, version: int) -> None:
+        """Start this rank's engine (drivers only), then stream the actor's weights in: the engines hold
+        `version` afterwards (on resume: the checkpoint's). Collective."""
+        from upgrpo_megatron.rollout import RolloutError
 
-    def sync(self, weights: WeightStream) -> None:
-        """Stream the actor's weights into the engine; the engine then holds the next weight version."""
-        self.weight_version += 1
-        stream = self._engine_view(weights(), self.weight_version)
-        if self.is_driver:
-            self.engine.update_weights(stream, version=self.weight_version)
-        else:
-            for _ in stream:  # take part in the gathers
-                pass
-
-    def _engine_view(self, stream, version: int):
-        """What the engine receives: the actor's weights, with `rollout.router_noise` on the router weights."""
-        from upgrpo_megatron.rollout.weight_noise import with_router_noise
-
-        return with_router_noise(stream, self.cfg.rollout.router_noise, seed=self.cfg.trainer.seed, version=version)
-
-    def generate(self, prompt_ids: Sequence[Sequence[int]], *, n: int, temperature: float, seed: int):
-        """n samples per prompt (prompt-major), the same `RolloutBatch` on every rank. An engine failure stops
-        training on every rank (`TrainingStopped(before_update=True)`: no weight has changed yet)."""
-        r, d = self.cfg.rollout, self.cfg.data
-        out = None
-        if self.is_driver:
-            from upgrpo_megatron.rollout import RolloutError
-
+        self.placement = self._build_placement()
+        err = None
+        if self.placement.is_driver(rank()):
             try:
-                out = self.engine.generate(
-                    prompt_ids, n=n, temperature=temperature, top_p=r.top_p if temperature > 0 else 1.0,
-                    top_k=r.top_k if temperature > 0 else -1, max_tokens=d.max_response_length,
-                    stop_token_ids=[self.tokenizer.eos_token_id], seed=seed,
-                )
+                self.engine = self._start_engine()
             except RolloutError as e:
-                out = e
-        out = broadcast_object(out)
-        if isinstance(out, Exception):
-            raise TrainingStopped(f"rollout engine failed: {out}", before_update=True)
-        return out
+                err = e
+        self._agree("start-up", err, before_update=True)
+        self._sync(weights, version)
+        if rank() == 0:
+            s = self.last_sync
+            console.say(f"rollout: {self.placement.describe()[0]}; weight sync on rank 0: {s.recv_bytes / 1e6:.2f} "
+                        f"MB gathered, {s.engine_bytes / 1e6:.2f} MB into its engine")
+
+    def _start_engine(self):
+        from upgrpo_megatron.convert import hf_shapes, model_cfg_to_hf_config
+        from upgrpo_megatron.rollout import RolloutEngine
+
+        cfg, p, r = self.cfg, self.placement, self.cfg.rollout
+        d = self.init_dir / f"rank_{rank()}"  # per rank: SPMD engine groups start together, each reads its own
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+        (d / "config.json").write_text(json.dumps(model_cfg_to_hf_config(cfg.model, self.tokenizer), indent=2))
+        return RolloutEngine(
+            str(d), dtype={"fp32": "float32", "bf16": "bfloat16"}.get(r.dtype, r.dtype), seed=cfg.trainer.seed,
+            max_model_len=cfg.data.max_prompt_length + cfg.data.max_response_length, kv_cache_gib=r.kv_cache_gib,
+            enforce_eager=r.enforce_eager, capture_routing=r.capture_routing,
+            gpu_memory_utilization=r.gpu_memory_utilization, shapes=hf_shapes(cfg.model), load_format="dummy",
+            tensor_parallel_size=p.group_size if p.in_process else 1, external_launcher=p.in_process,
+        )
 
     def shutdown(self) -> None:
         if self.engine is not None:
@@ -108,15 +144,93 @@ class RolloutClient:
     def alive_processes(self) -> List[int]:
         return self.engine.alive_processes() if self.engine is not None else []
 
+    # ---------------------------------------------------------------------------------------------- weights
+    def sync(self, weights) -> None:
+        """Stream the actor's weights into the engines; they then hold the next weight version."""
+        self._sync(weights, self.weight_version + 1)
 
-def actor_hf_weights(model_cfg, module) -> WeightStream:
-    """The actor's full weights as HF-named tensors (a collective over TP/EP groups when iterated)."""
-    def stream() -> Iterator[Tuple[str, torch.Tensor]]:
+    def _sync(self, weights, version: int) -> None:
+        from upgrpo_megatron.megatron.weight_sync import SyncStats
+        from upgrpo_megatron.rollout import RolloutError
+
+        t0 = time.perf_counter()
+        stats = SyncStats()
+        receivers: Set[int] = set(self.placement.drivers())
+        stream = weights.for_ranks(receivers, stats) if hasattr(weights, "for_ranks") else weights()
+        err = None
+        if self.engine is not None:
+            try:
+                self.engine.update_weights(self._engine_view(stream, version), version=version,
+                                           bucket_bytes=SYNC_BUCKET_BYTES)
+            except RolloutError as e:
+                err = e
+        for _ in stream:  # non-drivers, and a driver whose engine failed: take part in the remaining gathers
+            pass
+        stats.seconds = time.perf_counter() - t0
+        self.last_sync = stats
+        self._agree("weight sync", err, before_update=False)
+        self.weight_version = version
+
+    def _engine_view(self, stream, version: int):
+        """What an engine receives: the actor's weights, with `rollout.router_noise` on the router weights (the
+        trainer's own weights are never touched; rollout/weight_noise.py)."""
+        from upgrpo_megatron.rollout.weight_noise import with_router_noise
+
+        return with_router_noise(stream, self.cfg.rollout.router_noise, seed=self.cfg.trainer.seed, version=version)
+
+    # ------------------------------------------------------------------------------------------- generation
+    def generate(self, prompt_ids: Sequence[Sequence[int]], *, n: int, temperature: float, seed: int):
+        """n samples per prompt (prompt-major), the same `RolloutBatch` on every rank. An engine failure stops
+        training on every rank (`TrainingStopped(before_update=True)`: no weight has changed yet)."""
+        from upgrpo_megatron.rollout import RolloutError, merge_rank_batches
+
+        r, d, p = self.cfg.rollout, self.cfg.data, self.placement
+        me = rank()
+        k = p.engine_of(me)
+        own = p.prompts_of(k, len(prompt_ids))
+        out, err = None, None
+        if self.engine is not None:
+            try:
+                out = self.engine.generate(
+                    [prompt_ids[i] for i in own], prompt_keys=own, n=n, temperature=temperature,
+                    top_p=r.top_p if temperature > 0 else 1.0, top_k=r.top_k if temperature > 0 else -1,
+                    max_tokens=d.max_response_length, stop_token_ids=[self.tokenizer.eos_token_id], seed=seed,
+                )
+                self.engine.sleep()  # GPU: release the KV cache while the actor trains (a no-op on CPU)
+            except RolloutError as e:
+                err = e
+        if me == 0 and not self._told_routing and self.engine is not None and out is not None:
+            console.say(f"rollout routing: {self.engine.routing_source}")
+            self._told_routing = True
+        reports = all_gather_objects(err if err is not None else (out if me == p.leader(k) else None))
+        failed = [(i, e) for i, e in enumerate(reports) if isinstance(e, Exception)]
+        if failed:
+            i, e = failed[0]
+            raise TrainingStopped(f"rollout engine failed{self._engine_name(i)}: {e}", before_update=True)
+        return merge_rank_batches([reports[p.leader(e)] for e in range(p.num_engines)], len(prompt_ids))
+
+
+class ActorWeights:
+    """The actor's weights as HF-named tensors, streamed (each call is a collective over TP/EP groups)."""
+
+    def __init__(self, model_cfg, module):
+        self.model_cfg, self.module = model_cfg, module
+
+    def __call__(self) -> Iterator[Tuple[str, torch.Tensor]]:
+        """Full weights on every rank (the HF export, tests)."""
         from upgrpo_megatron.convert import megatron_to_hf_stream
         from upgrpo_megatron.megatron.sharding import iter_full_params
 
-        return megatron_to_hf_stream(model_cfg, iter_full_params(module))
+        return megatron_to_hf_stream(self.model_cfg, iter_full_params(self.module))
 
-    return stream
+    def for_ranks(self, receivers: Set[int], stats=None) -> Iterator[Tuple[str, torch.Tensor]]:
+        """Full weights on the ranks in `receivers` only, gathered inside the groups that hold the shards."""
+        from upgrpo_megatron.convert import megatron_to_hf_stream
+        from upgrpo_megatron.megatron.weight_sync import engine_weights
+
+        return megatron_to_hf_stream(self.model_cfg, engine_weights(self.module, receivers, stats))
 
 
+def actor_hf_weights(model_cfg, module) -> ActorWeights:
+    """The actor's full weights as HF-named tensors (a collective over TP/EP groups when iterated)."""
+    return ActorWeights(model_cfg, module)

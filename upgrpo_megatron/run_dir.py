@@ -6,7 +6,7 @@
       samples.jsonl          a few rollouts per step
       diagnostics/           per-step layer x expert arrays (step_000012.npz)
       checkpoints/step_N/    see megatron/checkpoint.py
-      engine_init/           the HF export the rollout engine starts from
+      engine_init/rank_R/    the config.json rank R's rollout engine starts from (weights come by sync)
       hf/                    the final Hugging Face export
       report/                the routing-mismatch report
       .lock                  held by the trainer using this directory

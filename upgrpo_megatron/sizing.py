@@ -1,21 +1,166 @@
 """Sizing for `--dry-run`: exact parameter counts of the architecture and a per-GPU memory estimate of a layout.
 
-Pure arithmetic on the recipe (`RecipeConfig`) and the resolved `Layout`: no Megatron, no torch.
+Pure arithmetic on the recipe (`RecipeConfig`), with the same layout objects the trainer builds: the resolved
+`Layout` (validate.py), the rollout `EnginePlacement` (rollout/placement.py), and megatron's parameter list
+and gradient-buffer sharding mirrored here (`local_params`, `optimizer_state_numel`). The counts are exact
+(tests/distributed/test_dist_optimizer.py compares them with a model and optimizer built at world 2); the
+bytes around them (activations, vLLM's own overheads) are rough.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
 
-from upgrpo_megatron.config import Layout, ModelConfig, RecipeConfig, validate_layout
+from upgrpo_megatron.config import ConfigError, Layout, ModelConfig, RecipeConfig, validate_layout
 
 
-def dry_run(cfg: RecipeConfig, world_size: Optional[int]) -> str:
-    """Validate a recipe for a world size; the layout and a per-GPU memory estimate, as text."""
+def dry_run(cfg: RecipeConfig, world_size: Optional[int], gpu_mem_gib: Optional[float] = None) -> str:
+    """Validate a recipe for a world size; the layout, the engine placement and a per-GPU memory estimate, as
+    text, with a warning when the per-GPU peak exceeds `gpu_mem_gib`."""
     world = world_size or cfg.trainer.world_size_hint or 1
     layout = validate_layout(cfg, world)
-    return format_layout_and_memory(cfg, layout, estimate_memory(cfg, layout))
+    mem = estimate_memory(cfg, layout)
+    text = format_layout_and_memory(cfg, layout, mem)
+    if gpu_mem_gib is not None and mem["total"] > gpu_mem_gib * 1024**3:
+        text += (f"\nwarning: the per-GPU peak ({mem['total'] / 1024**3:.1f} GiB) exceeds --gpu-mem-gib "
+                 f"{gpu_mem_gib:g}: lower rollout.kv_cache_gib or actor.micro_batch_size, or raise parallel.tp / "
+                 f"parallel.ep / rollout.tp")
+    return text
+
+
+def target_is_gpu(cfg: RecipeConfig) -> bool:
+    """Which placement a recipe gets: nccl means GPUs; auto means whatever this machine has."""
+    if cfg.parallel.backend != "auto":
+        return cfg.parallel.backend == "nccl"
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def engine_placement(cfg: RecipeConfig, layout: Layout):
+    """The rollout engines the trainer would start for this layout (see rollout/placement.py)."""
+    from upgrpo_megatron.rollout.placement import EnginePlacement
+
+    try:
+        return EnginePlacement.build(world_size=layout.world_size, tp=layout.tp, rollout_tp=cfg.rollout.tp,
+                                     on_gpu=target_is_gpu(cfg))
+    except ValueError as e:
+        raise ConfigError(f"{e} (in {cfg.source})") from None
+
+
+def reference_model_bytes(cfg: RecipeConfig, layout: Layout) -> float:
+    """HOOK for the reference policy (KL to pi_ref): its bytes on each GPU, added to both phases' totals.
+
+    0 until the trainer builds a reference model; when it does, return what it holds here (e.g. its local
+    parameters in model.dtype, `local_numel(cfg.model, layout) * bytes`, or 0 when it is offloaded)."""
+    return 0.0
+
+
+# ------------------------------------------------------------------------------------------- parameters
+@dataclass(frozen=True)
+class ParamSpec:
+    """One megatron parameter: canonical name (experts numbered globally), full shape, the dimension that
+    tensor parallelism splits (None: replicated), and whether it is a routed-expert weight."""
+
+    name: str
+    shape: Tuple[int, ...]
+    split_dim: Optional[int]
+    expert: bool
+
+
+def megatron_params(m: ModelConfig) -> List[ParamSpec]:
+    """Every parameter of the megatron GPTModel `megatron/model.py` builds, in its `named_parameters` order."""
+    h, hd, nq, nkv = m.hidden_size, m.head_dim, m.num_attention_heads, m.num_query_groups
+    qwen2 = m.architecture == "qwen2_moe"
+    out = [ParamSpec("embedding.word_embeddings.weight", (m.vocab_size, h), 0, False)]
+    for i in range(m.num_layers):
+        p = f"decoder.layers.{i}."
+        out += [ParamSpec(p + "input_layernorm.weight", (h,), None, False),
+                ParamSpec(p + "self_attention.linear_proj.weight", (h, nq * hd), 1, False),
+                ParamSpec(p + "self_attention.linear_qkv.weight", ((nq + 2 * nkv) * hd, h), 0, False)]
+        if qwen2:
+            out.append(ParamSpec(p + "self_attention.linear_qkv.bias", ((nq + 2 * nkv) * hd,), 0, False))
+        else:
+            out += [ParamSpec(p + "self_attention.q_layernorm.weight", (hd,), None, False),
+                    ParamSpec(p + "self_attention.k_layernorm.weight", (hd,), None, False)]
+        out.append(ParamSpec(p + "pre_mlp_layernorm.weight", (h,), None, False))
+        if i < m.first_k_dense_layers:
+            f = m.ffn_hidden_size
+            out += [ParamSpec(p + "mlp.linear_fc1.weight", (2 * f, h), 0, False),
+                    ParamSpec(p + "mlp.linear_fc2.weight", (h, f), 1, False)]
+            continue
+        out.append(ParamSpec(p + "mlp.router.weight", (m.num_experts, h), None, False))
+        f = m.moe_ffn_hidden_size
+        for e in range(m.num_experts):
+            q = f"{p}mlp.experts.local_experts.{e}."
+            out += [ParamSpec(q + "linear_fc1.weight", (2 * f, h), 0, True),
+                    ParamSpec(q + "linear_fc2.weight", (h, f), 1, True)]
+        if qwen2 and m.shared_expert_ffn_hidden_size:
+            f = m.shared_expert_ffn_hidden_size
+            out += [ParamSpec(p + "mlp.shared_experts.linear_fc1.weight", (2 * f, h), 0, False),
+                    ParamSpec(p + "mlp.shared_experts.linear_fc2.weight", (h, f), 1, False),
+                    ParamSpec(p + "mlp.shared_experts.gate_weight", (1, h), None, False)]
+    out.append(ParamSpec("decoder.final_layernorm.weight", (h,), None, False))
+    if not m.tie_word_embeddings:
+        out.append(ParamSpec("output_layer.weight", (m.vocab_size, h), 0, False))
+    return out
+
+
+def local_params(m: ModelConfig, layout: Layout, ep_rank: int = 0) -> List[Tuple[str, int, bool]]:
+    """(local name, numel, expert) of every parameter one rank holds, in model order: TP-split tensors divided
+    by tp (experts by etp), this EP rank's experts renumbered from 0 (megatron's local names)."""
+    per_rank = m.num_experts // layout.ep
+    own = range(ep_rank * per_rank, (ep_rank + 1) * per_rank)
+    out = []
+    for spec in megatron_params(m):
+        numel = math.prod(spec.shape)
+        name = spec.name
+        if spec.expert:
+            prefix, rest = name.split(".mlp.experts.local_experts.")
+            e, tail = rest.split(".", 1)
+            if int(e) not in own:
+                continue
+            name = f"{prefix}.mlp.experts.local_experts.{int(e) - own.start}.{tail}"
+            numel //= layout.etp if spec.split_dim is not None else 1
+        elif spec.split_dim is not None:
+            numel //= layout.tp
+        out.append((name, numel, spec.expert))
+    return out
+
+
+def local_numel(m: ModelConfig, layout: Layout) -> Dict[str, int]:
+    """Parameters on one rank: {"dense", "expert", "total"} (the same on every rank of a layout)."""
+    ps = local_params(m, layout)
+    dense = sum(n for _, n, e in ps if not e)
+    expert = sum(n for _, n, e in ps if e)
+    return {"dense": dense, "expert": expert, "total": dense + expert}
+
+
+def _buffer_shard_numel(numels: List[int], dp: int, dp_rank: int) -> int:
+    """Elements of one gradient buffer that data-parallel rank `dp_rank` owns under megatron's distributed
+    optimizer (megatron-core 0.16 `_ParamAndGradBuffer`, one bucket): parameters in reverse model order, each
+    starting at a multiple of 64, the buffer padded to a multiple of lcm(dp, 128) and cut into dp equal
+    slices; a rank owns the parts of parameters inside its slice (padding owns no state)."""
+    spans, start = [], 0
+    for n in reversed(numels):
+        start = math.ceil(start / 64) * 64
+        spans.append((start, start + n))
+        start += n
+    size = math.ceil(start / math.lcm(dp, 128)) * math.lcm(dp, 128)
+    lo, hi = dp_rank * size // dp, (dp_rank + 1) * size // dp
+    return sum(max(0, min(b, hi) - max(a, lo)) for a, b in spans)
+
+
+def optimizer_state_numel(m: ModelConfig, layout: Layout, distributed: bool, dp_rank: int = 0,
+                          expert_dp_rank: int = 0, ep_rank: int = 0) -> int:
+    """Parameters whose fp32 master copy and Adam moments one rank holds (`megatron/optimizer.state_numel`)."""
+    ps = local_params(m, layout, ep_rank)
+    if not distributed:
+        return sum(n for _, n, _ in ps)
+    return (_buffer_shard_numel([n for _, n, e in ps if not e], layout.dp, dp_rank)
+            + _buffer_shard_numel([n for _, n, e in ps if e], layout.expert_dp, expert_dp_rank))
 
 
 def count_parameters(m: ModelConfig) -> Dict[str, int]:
@@ -53,50 +198,59 @@ VLLM_MAX_NUM_SEQS = 256
 
 
 def estimate_memory(cfg: RecipeConfig, layout: Layout) -> Dict[str, float]:
-    """Rough per-GPU bytes of one training rank and of the colocated rollout engine.
+    """Rough per-GPU bytes of one training rank and of its colocated rollout engine (exact counts inside).
 
-    - params: expert weights / (ep x etp), all other weights / tp, in model.dtype
-    - grads: fp32 main grads for the local params (megatron DDP accumulates in fp32)
-    - optimizer: Adam's two fp32 moments, plus an fp32 master copy when params are bf16; with
-      parallel.use_distributed_optimizer sharded over dp (dense) and expert_dp (experts)
+    - params: this rank's local parameters (`local_params`: TP/ETP shards, its EP rank's experts) in
+      model.dtype
+    - grads: fp32 main grads for the local params (megatron DDP accumulates in fp32; not sharded)
+    - optimizer: Adam's two fp32 moments, plus an fp32 master copy when params are bf16, for the parameters
+      `optimizer_state_numel` gives (with parallel.use_distributed_optimizer: this rank's slice of megatron's
+      gradient buffers, the largest over data-parallel ranks)
     - activations: micro_batch x seq x hidden x layers x ACTIVATION_FACTOR bytes (bf16; x2 for fp32) / tp,
       plus the fp32 logits, log-softmax and its gradient over the vocabulary shard (3 x seq x vocab / tp)
-    - kv_cache: the rollout engine's KV budget, `rollout.kv_cache_gib` (one engine per tp group, sharded by
-      tp). `kv_seqs_fit` says how many sequences of max_prompt_length + max_response_length tokens it holds
-      (2 x layers x kv_heads x head_dim values per token) and `kv_seqs_wanted` how many the engine would run
-      at once: min(its share of prompts_per_step x n, vLLM's max_num_seqs = 256).
-    `training_total` is the training phase; `rollout_total` the rollout phase (engine weights + KV cache);
-    `total` the larger (colocated engines release their KV cache while the actor trains).
+    - reference: `reference_model_bytes` (the hook for the reference policy; 0 today)
+    - engine_params / kv_cache: the rollout engine this rank belongs to (`engine_placement`): GPU engines span
+      rollout.tp ranks and hold ~1/rollout.tp of the weights and of each sequence's KV on each; a CPU engine
+      holds a full copy, on its driver rank. kv_cache is `rollout.kv_cache_gib`; `kv_seqs_fit` says how many
+      sequences of max_prompt_length + max_response_length tokens it holds (2 x layers x kv_heads x head_dim
+      values per token) and `kv_seqs_wanted` how many the engine would run at once: min(its share of
+      prompts_per_step x n, vLLM's max_num_seqs = 256).
+    `training_total`: actor + activations (the engine sleeps: GPU engines release weights and KV cache while the
+    actor trains); `rollout_total`: the actor's resident state (params, grads, optimizer: nothing is offloaded)
+    + the engine; `total` the larger.
     """
     m, d = cfg.model, cfg.data
     n = count_parameters(m)
+    placement = engine_placement(cfg, layout)
     bytes_param = 2 if m.dtype == "bf16" else 4
-    expert_local = n["experts"] / (layout.ep * layout.etp)
-    dense_local = (n["total"] - n["experts"]) / layout.tp
-    local = expert_local + dense_local
+    counts = local_numel(m, layout)
+    local = counts["total"]
     params = local * bytes_param
     grads = local * 4
     per_param_optim = 8 + (4 if bytes_param == 2 else 0)
-    if cfg.parallel.use_distributed_optimizer:
-        optim = per_param_optim * (dense_local / layout.dp + expert_local / layout.expert_dp)
-    else:
-        optim = per_param_optim * local
+    distributed = cfg.parallel.use_distributed_optimizer
+    state = max(optimizer_state_numel(m, layout, distributed, dp_rank=r, expert_dp_rank=r % layout.expert_dp)
+                for r in (range(layout.dp) if distributed else [0]))
+    optim = per_param_optim * state
     seq = d.max_prompt_length + d.max_response_length
     mb = cfg.actor.micro_batch_size
     act = mb * seq * m.hidden_size * m.num_layers * ACTIVATION_FACTOR * (bytes_param / 2) / layout.tp
     act += mb * seq * (m.vocab_size / layout.tp) * 4 * 3
+    ref = reference_model_bytes(cfg, layout)
     engine_bytes = 2 if cfg.rollout.dtype == "bf16" else 4
-    kv_per_seq = seq * 2 * m.num_layers * m.num_query_groups * m.head_dim * engine_bytes / layout.tp
+    shard = placement.group_size if placement.in_process else 1
+    kv_per_seq = seq * 2 * m.num_layers * m.num_query_groups * m.head_dim * engine_bytes / shard
     kv = cfg.rollout.kv_cache_gib * 1024**3
-    wanted = min(math.ceil(cfg.trainer.prompts_per_step * cfg.rollout.n / layout.dp), VLLM_MAX_NUM_SEQS)
-    engine_params = local * engine_bytes
-    training = params + grads + optim + act
-    rollout = engine_params + kv
-    return {"params": params, "grads": grads, "optimizer": optim, "activations": act, "kv_cache": kv,
-            "engine_params": engine_params, "training_total": training, "rollout_total": rollout,
+    wanted = min(math.ceil(cfg.trainer.prompts_per_step * cfg.rollout.n / placement.num_engines), VLLM_MAX_NUM_SEQS)
+    engine_params = n["total"] * engine_bytes / shard
+    training = params + grads + optim + act + ref
+    rollout = params + grads + optim + ref + engine_params + kv
+    return {"params": params, "grads": grads, "optimizer": optim, "activations": act, "reference": ref,
+            "kv_cache": kv, "engine_params": engine_params, "training_total": training, "rollout_total": rollout,
             "total": max(training, rollout), "params_total": n["total"], "params_active": n["active"],
-            "params_local": local, "activation_factor": ACTIVATION_FACTOR, "kv_bytes_per_seq": kv_per_seq,
-            "kv_seqs_fit": int(kv // kv_per_seq), "kv_seqs_wanted": wanted}
+            "params_local": local, "optimizer_state_params": state, "activation_factor": ACTIVATION_FACTOR,
+            "kv_bytes_per_seq": kv_per_seq, "kv_seqs_fit": int(kv // kv_per_seq), "kv_seqs_wanted": wanted,
+            "placement": placement}
 
 
 def _count(n: float) -> str:
@@ -107,12 +261,14 @@ def _count(n: float) -> str:
 
 
 def format_layout_and_memory(cfg: RecipeConfig, layout: Layout, mem: Dict[str, float]) -> str:
-    """The `--dry-run` report: validity, parameter counts, the layout and a per-GPU memory table."""
+    """The `--dry-run` report: validity, parameter counts, the layout, the engines and a per-GPU memory table."""
     gib = 1024**3
     row = lambda name, key, how: f"  {name:<14}{mem[key] / gib:9.2f} GiB  {how}"  # noqa: E731
     opt_how = "Adam moments" + (" + fp32 master" if cfg.model.dtype == "bf16" else "")
+    opt_how += f" of {_count(mem['optimizer_state_params'])} params"
     if cfg.parallel.use_distributed_optimizer:
-        opt_how += f", sharded over dp={layout.dp} / expert-dp={layout.expert_dp}"
+        opt_how += f" (distributed optimizer: 1/{layout.dp} of the dense / 1/{layout.expert_dp} of the expert buffer)"
+    placement = mem.get("placement") or engine_placement(cfg, layout)
     lines = [
         f"recipe {cfg.source}: valid for world size {layout.world_size}",
         f"model: {cfg.model.architecture}, {_count(mem['params_total'])} parameters "
@@ -121,17 +277,21 @@ def format_layout_and_memory(cfg: RecipeConfig, layout: Layout, mem: Dict[str, f
         f"ep {layout.ep} x etp {layout.etp} x pp {layout.pp} x expert-dp {layout.expert_dp}; sequence parallel "
         f"{'on' if layout.sequence_parallel else 'off'}",
         *[f"note: {n}" for n in layout.notes],
+        *[f"rollout: {line}" for line in placement.describe()],
         "per-GPU memory estimate (rough):",
         row("params", "params", cfg.model.dtype),
         row("grads", "grads", "fp32 main grads"),
         row("optimizer", "optimizer", opt_how),
         row("activations", "activations", f"micro-batch {cfg.actor.micro_batch_size} x seq x hidden x layers x "
             f"{ACTIVATION_FACTOR} B / tp (no recompute) + fp32 logits"),
-        row("training", "training_total", "sum of the above"),
-        row("engine params", "engine_params", f"rollout copy in {cfg.rollout.dtype}"),
+        row("reference", "reference", "reference policy (hook, not built yet)"),
+        row("training", "training_total", "sum of the above (the engine sleeps)"),
+        row("engine params", "engine_params", f"rollout copy in {cfg.rollout.dtype}"
+            + (f", 1/{placement.group_size} per GPU (rollout.tp)" if placement.group_size > 1 and placement.in_process
+               else ", a full copy")),
         row("kv cache", "kv_cache", f"rollout.kv_cache_gib: {mem['kv_seqs_fit']} full-length sequences fit, "
             f"{mem['kv_seqs_wanted']} would run at once"),
-        row("rollout", "rollout_total", "engine params + kv cache"),
+        row("rollout", "rollout_total", "actor state (params, grads, optimizer) + engine params + kv cache"),
         row("peak", "total", "max(training, rollout)"),
     ]
     return "\n".join(lines)

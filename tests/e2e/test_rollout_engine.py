@@ -212,6 +212,12 @@ def test_sleep_and_wake_up_keep_the_engine_usable_on_cpu(engine):
     assert len(engine.generate([[1, 2, 3]], n=1, max_tokens=2, seed=0)) == 1
 
 
+def test_engine_processes_are_out_of_the_terminals_session(engine):
+    """Ctrl-C in a terminal signals its foreground process group: the engine is not in it (vllm_plugin.py), so
+    only the trainer decides when it stops."""
+    assert engine._procs and all(os.getsid(p.pid) != os.getsid(0) for p in engine._procs)
+
+
 def test_engine_process_death_is_reported_and_shutdown_reaps_it(engine):
     """Runs last: it kills this module's engine (its own child processes, by pid)."""
     import psutil

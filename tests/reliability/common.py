@@ -27,13 +27,14 @@ class Trainer:
     """One `torchrun tools/train_moe.py` process tree in its own session; output goes to a log file."""
 
     def __init__(self, run_dir: Path, *overrides: str, log: Path, faults: str = "", nproc: int = 1,
-                 launcher: str = "torchrun"):
-        """launcher: "torchrun" (any nproc) or "python" (a world of one, what `make train` runs)."""
+                 launcher: str = "torchrun", launcher_args: tuple = ()):
+        """launcher: "torchrun" (any nproc, extra torchrun flags in launcher_args) or "python" (a world of one,
+        what `make train` runs)."""
         env = dict(os.environ, OMP_NUM_THREADS="1", UPGRPO_NO_PROGRESS="1", PYTHONUNBUFFERED="1")
         if faults:
             env["UPGRPO_FAULTS"] = faults
-        launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-                  if launcher == "torchrun" else [sys.executable])
+        launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                   *launcher_args] if launcher == "torchrun" else [sys.executable])
         cmd = [*launch, str(ROOT / "tools" / "train_moe.py"), str(RECIPE), f"trainer.run_dir={run_dir}", *FAST,
                *overrides]
         self.log = Path(log)
@@ -72,6 +73,19 @@ class Trainer:
         except psutil.NoSuchProcess:
             return []
         return [p.pid for p in tree if _name(p).startswith("VLLM")]
+
+    def ranks(self) -> dict:
+        """{global rank: psutil.Process} of the trainer ranks running now (read from each worker's RANK)."""
+        import psutil
+
+        out = {}
+        for child in psutil.Process(self.proc.pid).children(recursive=True):
+            try:
+                if "train_moe.py" in " ".join(child.cmdline()) and "RANK" in child.environ():
+                    out[int(child.environ()["RANK"])] = child
+            except psutil.Error:
+                pass
+        return out
 
     def kill_all(self) -> None:
         """SIGKILL the whole tree: torchrun, its ranks and the engine processes (like a node failure).

@@ -114,6 +114,7 @@ class RolloutConfig:
     # weight version from trainer.seed; 0 = off
     router_noise: float = 0.0
     sync_every: int = 1                  # sync the engine every k steps (k > 1: rollouts from stale weights)
+    tp: int = 1                          # GPU: ranks per vLLM engine (external_launcher); CPU: 1 (engine per DP rank)
 
 
 @dataclass

@@ -53,7 +53,8 @@ class MegatronActor:
     """Owns the (DDP-wrapped) GPTModel, megatron's optimizer and LR schedule on this rank."""
 
     def __init__(self, model_cfg, *, tp=1, ep=1, etp=1, sequence_parallel=False, dtype="fp32",
-                 optim: Optional[OptimSettings] = None, temperature: float = 1.0):
+                 optim: Optional[OptimSettings] = None, temperature: float = 1.0,
+                 distributed_optimizer: bool = False):
         # Router replay instances are global in megatron: start from a clean list for this model.
         RouterReplay.clear_global_router_replay_instances()
         self.model_cfg = model_cfg
@@ -62,7 +63,9 @@ class MegatronActor:
         self.module = build_gpt_model(model_cfg, tp=tp, ep=ep, etp=etp, sequence_parallel=sequence_parallel,
                                       dtype=dtype)
         self.model = DistributedDataParallel(
-            self.module.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), self.module
+            self.module.config,
+            DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=distributed_optimizer),
+            self.module,
         )
         self.model.broadcast_params()  # replicated weights start equal on every data-parallel rank
         self.optim = optim or OptimSettings()
@@ -72,6 +75,7 @@ class MegatronActor:
                 optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
                 adam_beta1=o.betas[0], adam_beta2=o.betas[1], clip_grad=o.grad_clip,
                 bf16=dtype in ("bf16", "bfloat16"), params_dtype=self.module.config.params_dtype,
+                use_distributed_optimizer=distributed_optimizer,  # megatron/optimizer.py
             ),
             [self.model],
         )

@@ -2,7 +2,8 @@
 
 Layout of `checkpoints/step_000010/`:
     model/            dist_checkpointing (torch_dist) — loadable at another TP/EP layout
-    optim/rank_R.pt   optimizer state of each rank (torch.save; resumed at the same layout only)
+    optim/rank_R.pt   optimizer state of each rank (torch.save; resumed at the same layout only), or
+    optim/distributed/  the distributed optimizer's slices (dist_checkpointing, see megatron/optimizer.py)
     extra.pt          step, scheduler, RNG states, data position (rank 0; plain tensors and numbers)
     metadata.json     architecture, step, layout it was saved at
     model_config.yaml the recipe's model section; tokenizer files when the run has a tokenizer
@@ -84,12 +85,17 @@ def save_checkpoint(path, module, *, optimizer=None, extra_state: Optional[dict]
         path.parent.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
-        (tmp / "optim").mkdir(parents=True)
+        (tmp / "optim" / "distributed").mkdir(parents=True)
         (tmp / "model").mkdir()
     _barrier()
     dist_checkpointing.save(module.sharded_state_dict(), str(tmp / "model"))
     if optimizer is not None:
-        torch.save(optimizer.state_dict(), tmp / "optim" / f"rank_{_rank()}.pt")
+        from upgrpo_megatron.megatron import optimizer as moptim
+
+        if moptim.is_distributed(optimizer):
+            moptim.save_distributed(optimizer, module, tmp / "optim" / "distributed")
+        else:
+            torch.save(optimizer.state_dict(), tmp / "optim" / f"rank_{_rank()}.pt")
     _barrier()
     from upgrpo_megatron import faults
 
@@ -228,8 +234,15 @@ def load_checkpoint(path, module, *, optimizer=None, model_cfg=None) -> dict:
     same_layout = (meta.get("world_size"), meta.get("tp"), meta.get("ep")) == (
         dist.get_world_size() if dist.is_initialized() else 1, ps.get_tensor_model_parallel_world_size(),
         ps.get_expert_model_parallel_world_size())
-    if optimizer is not None and optim_file.exists() and same_layout:
+    from upgrpo_megatron.megatron import optimizer as moptim
+
+    distributed = optimizer is not None and moptim.is_distributed(optimizer)
+    saved_distributed = (path / "optim" / "distributed" / "metadata.json").exists()
+    if distributed and saved_distributed and same_layout:
+        moptim.load_distributed(optimizer, module, path / "optim" / "distributed")
+    elif optimizer is not None and not distributed and optim_file.exists() and same_layout:
         optimizer.load_state_dict(safe_torch_load(optim_file))
     elif optimizer is not None and _rank() == 0:
-        console.warn(f"optimizer state of {path} not restored (saved at another layout); starting Adam moments fresh")
+        why = "saved at another layout" if not same_layout else "saved with the other optimizer kind"
+        console.warn(f"optimizer state of {path} not restored ({why}); starting Adam moments fresh")
     return safe_torch_load(path / "extra.pt")

@@ -202,7 +202,7 @@ def build_transformer_config(
         moe_router_dtype="fp32",
         moe_layer_freq=moe_layer_freq,
         moe_token_dispatcher_type="alltoall" if on_gpu else "allgather",
-        moe_grouped_gemm=False,
+        moe_grouped_gemm=compat.have_transformer_engine(),  # TE's GroupedMLP (names: sharding.local_spec_name)
         moe_permute_fusion=False,
         moe_enable_routing_replay=router_replay,
         # parallelism

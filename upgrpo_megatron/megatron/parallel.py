@@ -50,8 +50,29 @@ def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> tuple[
         os.environ.setdefault("LOCAL_RANK", "0")
     if compat.cuda_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    store = _store_of_this_attempt(timeout)
+    if store is None:
+        dist.init_process_group(backend=backend, timeout=timeout)
+    else:
+        dist.init_process_group(backend=backend, timeout=timeout, store=store, rank=int(os.environ["RANK"]),
+                                world_size=int(os.environ["WORLD_SIZE"]))
     return dist.get_rank(), dist.get_world_size()
+
+
+def _store_of_this_attempt(timeout):
+    """torchrun's store, private to this restart attempt (None: not under a torchrun agent's store).
+
+    Under `torchrun --max-restarts`, workers share the agent's TCPStore across restarts and torch 2.13 puts
+    the process group's keys there without an attempt prefix, so the restarted ranks read the dead ranks'
+    gloo addresses and fail ("Gloo connectFullMesh failed ... Connection refused"; reproduced with a
+    two-rank script). Prefixing the keys with TORCHELASTIC_RESTART_COUNT keeps each attempt apart (the
+    other way out, TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, must be set where torchrun starts)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
+                          is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"upgrpo/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def init_model_parallel(sizes: ParallelSizes, seed: int = 1234, backend: str = "auto") -> None:

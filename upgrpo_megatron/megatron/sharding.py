@@ -10,6 +10,11 @@ half separately (rank r holds [gate_r; up_r]), not the concatenation.
 
 `iter_full_params` streams one canonical tensor at a time (a collective per tensor over the TP or
 expert-TP/EP group), so memory stays bounded by the largest tensor group, not the model.
+
+Canonical names are those of megatron-core's local layer spec (the CPU one). Transformer Engine's spec (GPU)
+names three kinds of parameters differently, and `named_params` translates them (`local_spec_name`): the input
+norm fused into `linear_qkv` (`linear_qkv.layer_norm_weight`), a dense MLP's norm fused into `linear_fc1`,
+and grouped-GEMM experts stored as `experts.linear_fc1.weight{j}` (GPU path not yet run, see README).
 """
 
 from __future__ import annotations
@@ -23,6 +28,33 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 _EXPERT_RE = re.compile(r"^(.*\.mlp\.experts\.local_experts\.)(\d+)(\..*)$")
+_TE_NAMES = (
+    (re.compile(r"^(.*)\.self_attention\.linear_qkv\.layer_norm_weight$"), r"\1.input_layernorm.weight"),
+    (re.compile(r"^(.*)\.mlp\.linear_fc1\.layer_norm_weight$"), r"\1.pre_mlp_layernorm.weight"),
+    (re.compile(r"^(.*\.mlp\.experts)\.(linear_fc[12])\.weight(\d+)$"), r"\1.local_experts.\3.\2.weight"),
+)
+
+
+def local_spec_name(name: str) -> str:
+    """A parameter name of either layer spec -> the local spec's name (identity on the local spec)."""
+    for pattern, repl in _TE_NAMES:
+        if pattern.match(name):
+            return pattern.sub(repl, name)
+    return name
+
+
+def named_params(model):
+    """`model.named_parameters()` under local-spec names (the same list on the CPU and the TE spec)."""
+    for name, p in model.named_parameters():
+        yield local_spec_name(name), p
+
+
+def _params_by_name(model) -> Dict[str, torch.nn.Parameter]:
+    cached = getattr(model, "_upgrpo_params_by_name", None)
+    if cached is None:
+        cached = dict(named_params(model))
+        object.__setattr__(model, "_upgrpo_params_by_name", cached)
+    return cached
 
 
 def is_expert_param(name: str) -> bool:
@@ -94,6 +126,11 @@ def _unshard(local: torch.Tensor, param: torch.nn.Parameter, name: str, model) -
         return local
     parts = [torch.empty_like(local) for _ in range(size)]
     dist.all_gather(parts, local.contiguous(), group=group)
+    return join_shards(parts, param, name, model)
+
+
+def join_shards(parts, param: torch.nn.Parameter, name: str, model) -> torch.Tensor:
+    """The full tensor from its TP (or expert-TP) shards in group-rank order."""
     dim = param.partition_dim
     if _is_glu_fc1(name, model):
         gates, ups = zip(*(torch.chunk(p, 2, dim=dim) for p in parts))
@@ -105,10 +142,12 @@ def _unshard(local: torch.Tensor, param: torch.nn.Parameter, name: str, model) -
 def load_full_tensor(model, gname: str, tensor: torch.Tensor, params: Dict[str, torch.nn.Parameter] | None = None) -> str | None:
     """Copy one canonical tensor into this rank's shard; returns the local name, or None when another EP
     rank owns it. A shape that does not fit names the tensor."""
-    params = params if params is not None else dict(model.named_parameters())
+    params = params if params is not None else _params_by_name(model)
     lname = global_to_local_name(gname, model)
     if lname is None:
         return None
+    if lname not in params:  # a caller's named_parameters() of the TE spec: look it up under local-spec names
+        params = _params_by_name(model)
     if lname not in params:
         raise KeyError(f"checkpoint tensor '{gname}' has no parameter in the model")
     p = params[lname]
@@ -126,7 +165,7 @@ def load_full_tensor(model, gname: str, tensor: torch.Tensor, params: Dict[str, 
 def load_full_state_dict(model, full: Mapping[str, torch.Tensor], strict: bool = True) -> None:
     """Copy canonical full tensors into this rank's shards. Every rank passes the same `full` (or at least
     the entries it owns). Shapes are checked and a mismatch names the tensor."""
-    params = dict(model.named_parameters())
+    params = _params_by_name(model)
     seen = set()
     for gname, tensor in full.items():
         try:
@@ -146,7 +185,7 @@ def load_full_state_dict(model, full: Mapping[str, torch.Tensor], strict: bool =
 def _iter_full(model, tensor_of) -> Iterator[Tuple[str, torch.Tensor]]:
     ep_size = ps.get_expert_model_parallel_world_size()
     n_local = _num_local_experts(model)
-    for name, p in model.named_parameters():
+    for name, p in named_params(model):
         full = _unshard(tensor_of(p), p, name, model)
         m = _EXPERT_RE.match(name)
         if m is None or ep_size == 1:

@@ -1,5 +1,8 @@
 """One rollout engine per data-parallel rank: rank r generates prompts r::world, results gathered in order.
 
+(A standalone helper for scripts and tests with their own engines; the trainer's engines and their
+placement over TP/EP groups go through `engine_link.RolloutClient` and `rollout/placement.py`.)
+
     engine = RolloutEngine(hf_dir, ...)                          # on every DP rank
     batch = generate_data_parallel(engine, prompts, n=8, ..., seed=step)   # same batch on every rank
 

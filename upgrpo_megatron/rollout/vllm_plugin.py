@@ -27,26 +27,21 @@ def _plain_cpu_linear(layer, remove_weight: bool) -> None:
 def _tie_to_owner() -> None:
     """In the engine's own processes (EngineCore, workers): die with the parent, and only with it.
 
+    - Out of the terminal's and the rank's process groups (`_leave_terminal`): a terminal's Ctrl-C goes to the
+      whole foreground process group, and torchrun forwards the signal it gets to each rank's whole process
+      group (`killpg`). Either way the engine used to die first (its own SIGINT handler) while the trainer was
+      still finishing its step, which then hung on the dead engine and lost the checkpoint.
     - SIGKILL when the parent process dies: a trainer killed by SIGKILL (OOM killer, node agent) runs no
       cleanup, and vLLM's processes would live on as orphans holding CPU or GPU memory (Linux prctl).
-    - Their own process group: a terminal's Ctrl-C goes to the whole foreground process group, and torchrun
-      forwards the signal it gets to each rank's whole process group (`killpg`). Either way the engine used
-      to die first (its own SIGINT handler) while the trainer was still finishing its step, which then hung on
-      the dead engine and lost the checkpoint. Out of those groups, the engine stops when the trainer shuts it
-      down, or dies with it.
-    `RolloutEngine` sets UPGRPO_ENGINE_OWNER_PID to the trainer's pid; every other process loading this plugin
-    is an engine process."""
+    So the engine stops when the trainer shuts it down, or dies with it. `RolloutEngine` sets
+    UPGRPO_ENGINE_OWNER_PID to the trainer's pid; every other process loading this plugin is an engine process."""
     owner = os.environ.get(OWNER_ENV)
     if not owner or str(os.getpid()) == owner or not sys.platform.startswith("linux"):
         return
     import ctypes
     import signal
 
-    try:
-        os.setpgid(0, 0)
-    except OSError:  # a session leader cannot move; it is then not in its parent's group either
-        pass
-
+    _leave_terminal()
     PR_SET_PDEATHSIG = 1
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
@@ -54,6 +49,21 @@ def _tie_to_owner() -> None:
         return
     if os.getppid() == 1:  # the parent was already gone before the request took effect
         os._exit(1)
+
+
+def _leave_terminal() -> None:
+    """A session of its own (and so a process group of its own, with no terminal); where that is refused (a
+    process that already leads a group), a group of its own and SIGINT ignored."""
+    try:
+        os.setsid()
+    except OSError:
+        import signal
+
+        try:
+            os.setpgid(0, 0)
+        except OSError:
+            pass
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def register() -> None:

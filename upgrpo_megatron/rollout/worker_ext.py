@@ -154,6 +154,17 @@ def reload_weights(worker, blob: bytes) -> int:
     return len(weights)
 
 
+def load_weights_in_process(worker, named) -> int:
+    """GPU engines under `external_launcher` (GPU path not yet run, see README): the worker is in the
+    trainer's process, so (name, tensor) pairs arrive by reference, on the GPU. vLLM's own `load_weights` cuts
+    each rank's tensor-parallel shard and maps per-expert names into its fused MoE weights; the CUDA kernels
+    read the parameters directly (no packed copies as on CPU), so no re-packing follows."""
+    model = worker.model_runner.get_model()
+    with torch.no_grad():
+        model.load_weights(iter(named))
+    return len(named)
+
+
 def pending_expert_layers(worker, clear: bool = True) -> Dict[int, int]:
     """Layers whose experts arrived only in part (layer -> tensors received); cleared when `clear`."""
     out = {int(k): len(v) for k, v in _PENDING_EXPERTS.items()}

@@ -1,0 +1,36 @@
+"""What of the GPU paths can be checked without a GPU: the TE-spec parameter names and tools/gpu_check.sh itself.
+The GPU paths themselves have not run (README, "GPU paths not yet run"); tools/gpu_check.sh runs them on a GPU."""
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("te, local", [
+    ("decoder.layers.3.self_attention.linear_qkv.layer_norm_weight", "decoder.layers.3.input_layernorm.weight"),
+    ("decoder.layers.0.mlp.linear_fc1.layer_norm_weight", "decoder.layers.0.pre_mlp_layernorm.weight"),
+    ("decoder.layers.1.mlp.experts.linear_fc1.weight7",
+     "decoder.layers.1.mlp.experts.local_experts.7.linear_fc1.weight"),
+    ("decoder.layers.1.mlp.experts.linear_fc2.weight12",
+     "decoder.layers.1.mlp.experts.local_experts.12.linear_fc2.weight"),
+    ("decoder.layers.1.self_attention.q_layernorm.weight", "decoder.layers.1.self_attention.q_layernorm.weight"),
+    ("decoder.layers.1.mlp.experts.local_experts.2.linear_fc1.weight",
+     "decoder.layers.1.mlp.experts.local_experts.2.linear_fc1.weight"),
+    ("output_layer.weight", "output_layer.weight"),
+])
+def test_transformer_engine_names_map_to_the_local_spec(te, local):
+    from upgrpo_megatron.megatron.sharding import local_spec_name
+
+    assert local_spec_name(te) == local
+
+
+def test_gpu_check_script_parses_and_its_python_compiles():
+    script = ROOT / "tools" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    bodies = re.findall(r"<<'EOF'\n(.*?)\nEOF\n", script.read_text(), re.S)
+    assert len(bodies) == 3
+    for i, body in enumerate(bodies):
+        compile(body, f"gpu_check.sh heredoc {i}", "exec")
