@@ -8,7 +8,8 @@ with a sigmoid gate.
 
 The layer spec is chosen once: Transformer Engine's when TE and CUDA are present, otherwise megatron-core's
 local spec with `SequenceParallelRMSNorm` in every norm slot, so that TP > 1 (which MoE requires to run with
-sequence parallelism) works on CPU/gloo. Everything else is identical between the two.
+sequence parallelism) works on CPU/gloo, and grouped-GEMM experts (`experts.py`) in place of the per-expert
+loop. Everything else is identical between the two.
 """
 
 from __future__ import annotations
@@ -30,7 +31,10 @@ from megatron.core.transformer import TransformerConfig  # noqa: E402
 from megatron.core.transformer.enums import AttnBackend  # noqa: E402
 from megatron.core.transformer.dot_product_attention import DotProductAttention  # noqa: E402
 from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
+from megatron.core.transformer.moe.experts import SequentialMLP  # noqa: E402
 from megatron.core.transformer.spec_utils import ModuleSpec  # noqa: E402
+
+from upgrpo_megatron.megatron.experts import GroupedSequentialMLP  # noqa: E402
 
 
 class SequenceParallelRMSNorm(torch.nn.Module):
@@ -243,6 +247,9 @@ def _local_block_spec(config: TransformerConfig):
         if config.qk_layernorm:
             attn.q_layernorm = norm
             attn.k_layernorm = norm
+        experts = getattr(sub.mlp.submodules, "experts", None)
+        if experts is not None and experts.module is SequentialMLP:  # the per-expert loop -> grouped GEMMs
+            experts.module = GroupedSequentialMLP
     spec.layer_norm = norm
     return spec
 
