@@ -1,7 +1,7 @@
 """Megatron `dist_checkpointing` checkpoints <-> Hugging Face directories (what the two tools run).
 
 Neither direction builds a model or goes through megatron's `dist_checkpointing` machinery when it runs as
-one process: `torch_dist.py` streams tensors between the safetensors and the checkpoint's `.distcp` file (the
+one process: `torch_dist.py` streams tensors between the safetensors and the checkpoint's `.distcp` files (the
 format megatron reads and writes, tested against megatron's own save), so a conversion moves bytes at close to
 the speed of a plain copy. Reading works at whatever TP/EP layout wrote the checkpoint (an expert is a slice of
 its layer's stacked expert tensor) and holds one batch of tensors (at most `batch_bytes`, or one tensor if
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import threading
 import warnings
@@ -34,28 +33,19 @@ import yaml
 from upgrpo_megatron.convert.hf_io import ConversionError, HFReader, TokenizerFiles, check_output_dir, \
     hf_config_to_model_cfg, write_hf_dir
 from upgrpo_megatron.convert.qwen_moe import canonical_names, hf_shapes, hf_sources, hf_to_megatron, megatron_to_hf
-from upgrpo_megatron.convert.torch_dist import TorchDistReader, UnsupportedCheckpoint, no_cyclic_gc, write_model
+from upgrpo_megatron.convert.torch_dist import TorchDistReader, UnsupportedCheckpoint, checkpoint_key, no_cyclic_gc, \
+    write_model
 
-_LAYER = re.compile(r"^(decoder\.layers\.\d+\.)(.+)$")
-_EXPERT = re.compile(r"^(decoder\.layers\.\d+\.mlp\.experts\.)local_experts\.(\d+)\.(.+)$")
-_KEY_MAP = {
-    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
-    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
-}
 HF_CONFIG_FILE = "hf_config.json"          # the source config.json, kept for token ids on export
 HF_GENERATION_FILE = "generation_config.json"
 
 
 def ckpt_location(name: str, keys) -> Tuple[str, Optional[int]]:
-    """Canonical Megatron name -> (checkpoint key, expert index into the stacked tensor or None)."""
-    e = _EXPERT.match(name)
-    if e:
-        stacked = f"{e.group(1)}experts.{e.group(3)}"
-        if stacked in keys:
-            return stacked, int(e.group(2))
-    m = _LAYER.match(name)
-    if m and m.group(2) in _KEY_MAP and m.group(1) + _KEY_MAP[m.group(2)] in keys:
-        return m.group(1) + _KEY_MAP[m.group(2)], None
+    """Canonical Megatron name -> (checkpoint key, expert index into the stacked tensor or None); a name the
+    checkpoint holds as itself (another spec's naming) is found too."""
+    key, expert = checkpoint_key(name)
+    if key in keys:
+        return key, expert
     if name in keys:
         return name, None
     raise ConversionError(f"checkpoint has no tensor for '{name}'")
