@@ -176,11 +176,12 @@ def worker(a) -> int:
     for i in range(a.rounds):
         ctl.wait([f"{a.job}/go/{i}"])
         dist.barrier()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
-        dist.barrier()  # the step is done when the slowest rank is
+        cpu = torch.tensor([time.process_time() - c0])  # CPU seconds this rank used (waits excluded)
+        dist.all_reduce(cpu, op=dist.ReduceOp.MAX)  # also the barrier: the step is done when the slowest rank is
         if rank == 0:
-            ctl.set(f"{a.job}/done/{i}", str(time.perf_counter() - t0))
+            ctl.set(f"{a.job}/done/{i}", json.dumps([time.perf_counter() - t0, cpu.item()]))
     if a.profile:  # one more step under torch.profiler: the top ops of each rank, by self CPU time
         from torch.profiler import ProfilerActivity, profile
 
@@ -191,7 +192,7 @@ def worker(a) -> int:
         table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
         Path(f"{a.profile}.{a.job}.rank{rank}.txt").write_text(table)
         if rank == 0:
-            ctl.set(f"{a.job}/done/profile", "1")
+            ctl.set(f"{a.job}/done/profile", "[0, 0]")
     return 0
 
 
@@ -228,9 +229,10 @@ class RankJobs:
                 if self.procs[job].poll() is not None:
                     raise RuntimeError(f"scaling job {job} exited with {self.procs[job].returncode}") from None
 
-    def step(self, job: str, i) -> float:
+    def step(self, job: str, i):
+        """Run one step of `job`: (wall seconds, CPU seconds of its busiest rank)."""
         self.store.set(f"{job}/go/{i}", "1")
-        return float(self._wait(f"{job}/done/{i}", job))
+        return json.loads(self._wait(f"{job}/done/{i}", job))
 
     def close(self, ok: bool = True) -> None:
         """Wait for the jobs to finish (after an error: stop them, they would wait for a go that never comes)."""
@@ -251,18 +253,21 @@ def run_ranks(cfg: dict, rounds: int, with_all_cores: bool, profile=None) -> dic
     load = load_avg()
     rj = RankJobs(cfg, jobs, rounds, profile)
     times = {name: [] for name in jobs}
+    cpu = {name: [] for name in jobs}
     ok = False
     try:
         for i in range(rounds):
             for name in jobs:
-                times[name].append(rj.step(name, i))
+                wall, busy = rj.step(name, i)
+                times[name].append(wall)
+                cpu[name].append(busy)
         if profile:
             for name in jobs:
                 rj.step(name, "profile")
         ok = True
     finally:
         rj.close(ok)
-    return {"times": times, "info": rj.info, "load_start": load}
+    return {"times": times, "cpu": cpu, "info": rj.info, "load_start": load}
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -308,7 +313,11 @@ def ranks_entries(ranks_cfg, ranks, sfx, results):
     one = t["one"]
     for name, ep in (("dp2", 1), ("ep2", 2)):
         pairs = Pairs(t[name], one, load_start=ranks["load_start"])
-        extra = {"one_rank_s": stats(one), "two_rank_s": stats(t[name])}
+        extra = {"one_rank_s": stats(one), "two_rank_s": stats(t[name]),
+                 # CPU seconds of the busiest rank: the work per rank, without waits for the other rank or for
+                 # a core (on a loaded machine the wall-time speedup is capped by the latter)
+                 "one_rank_cpu_s": stats(ranks["cpu"]["one"]), "two_rank_busiest_cpu_s": stats(ranks["cpu"][name]),
+                 "cpu_speedup": Pairs(ranks["cpu"][name], ranks["cpu"]["one"]).summary()}
         if "one_all_cores" in t:
             extra["one_rank_all_cores_s"] = stats(t["one_all_cores"])
             extra["speedup_vs_one_rank_all_cores"] = Pairs(t[name], t["one_all_cores"]).summary()
@@ -319,7 +328,9 @@ def ranks_entries(ranks_cfg, ranks, sfx, results):
                 "one_rank_threads": ranks["info"]["one"]["threads"]},
                extra, path=results, pairs=pairs)
         print(f"[scaling] ranks 1 -> 2 ({name}): {statistics.median(one):.3f}s -> {statistics.median(t[name]):.3f}s "
-              f"(medians), speedup {pairs.describe()}", flush=True)
+              f"(medians), speedup {pairs.describe()}; CPU of the busiest rank "
+              f"{statistics.median(ranks['cpu']['one']):.3f}s -> {statistics.median(ranks['cpu'][name]):.3f}s "
+              f"({Pairs(ranks['cpu'][name], ranks['cpu']['one']).describe()})", flush=True)
 
 
 def main(argv=None) -> int:
