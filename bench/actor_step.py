@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.common import MIN_PAIRS, interleave, record, timeit  # noqa: E402
+from bench.common import MIN_PAIRS, init_world_of_one, interleave, record, timeit  # noqa: E402
 
 MEDIUM = dict(hidden_size=512, num_layers=4, num_experts=16, moe_router_topk=2, vocab_size=8192,
               num_attention_heads=8, num_query_groups=4, head_dim=64, moe_ffn_hidden_size=256,
@@ -58,6 +58,7 @@ def ours_step(c, ids):
     from upgrpo_megatron.megatron.actor import MegatronActor, OptimSettings
     from upgrpo_megatron.megatron.parallel import ParallelSizes, init_model_parallel
 
+    init_world_of_one()
     init_model_parallel(ParallelSizes())
     actor = MegatronActor(model_cfg(c), optim=OptimSettings(lr=1e-4))
     B, S = ids.shape

@@ -106,6 +106,16 @@ def interleave(ours: Callable[[], Any], theirs: Callable[[], Any], *, pairs: int
     return p
 
 
+def init_world_of_one() -> None:
+    """A process group of one rank on an in-memory store (gloo), for benchmarks that run a model in this process.
+    Picking a free TCP port and binding it later races with other jobs on a shared machine (EADDRINUSE); a
+    world of one needs no network at all."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
 def timeit(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 5) -> Dict[str, float]:
     """Median and spread of `fn()` wall time in seconds after `warmup` untimed calls (for quantities that
     are not a comparison, e.g. an engine's start-up; comparisons use `interleave`)."""

@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.actor_step import step_flops  # noqa: E402
-from bench.common import MIN_PAIRS, Pairs, load_avg, record, stats  # noqa: E402
+from bench.common import MIN_PAIRS, Pairs, init_world_of_one, load_avg, record, stats  # noqa: E402
 
 BASE = dict(hidden_size=256, num_layers=2, num_experts=8, moe_router_topk=2, vocab_size=1024,
             num_attention_heads=4, num_query_groups=2, head_dim=64, moe_ffn_hidden_size=128,
@@ -354,7 +354,7 @@ def main(argv=None) -> int:
         return worker(a)
     import torch
 
-    from upgrpo_megatron.megatron.parallel import ParallelSizes, init_distributed, init_model_parallel
+    from upgrpo_megatron.megatron.parallel import ParallelSizes, init_model_parallel
 
     base, sweeps = (TINY_BASE, TINY_SWEEPS) if a.tiny else (BASE, SWEEPS)
     sfx = "_tiny" if a.tiny else ""
@@ -370,7 +370,7 @@ def main(argv=None) -> int:
     # the sweeps on one thread: on a 2-core machine shared with other jobs, a 2-thread step stalls whenever
     # one of its threads is descheduled (each op waits at the OpenMP barrier), which buries the growth law
     torch.set_num_threads(1)
-    init_distributed("gloo")
+    init_world_of_one()
     init_model_parallel(ParallelSizes())
     cfgs = [(dim, key, v, point(base, key, v)) for dim, (key, values) in sweeps.items() for v in values]
     load = load_avg()
