@@ -1,7 +1,9 @@
 """Actor train step (forward + backward + optimizer) tokens/s: our Megatron actor vs transformers' Qwen3-MoE.
 
-Same config, same batch, same thread count, measured in one run. Also reports the achieved FLOP/s of each
-against this machine's matmul peak, measured in the same run (a large fp32 GEMM).
+Same config, same batch, same thread count, both models in this process and their steps interleaved (ours,
+transformers, ours, ...: `bench.common.interleave`); the ratio is the median of the pairwise ratios. Also
+reports the achieved FLOP/s of each against this machine's matmul peak, measured in the same run (a large fp32
+GEMM).
 
     python bench/actor_step.py            # the medium config of issue 6 (hidden 512, 4 layers, 16 experts)
     python bench/actor_step.py --tiny     # a seconds-long smoke run (used by the test suite)
@@ -10,16 +12,14 @@ against this machine's matmul peak, measured in the same run (a large fp32 GEMM)
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.common import record, timeit  # noqa: E402
+from bench.common import MIN_PAIRS, init_world_of_one, interleave, record, timeit  # noqa: E402
 
 MEDIUM = dict(hidden_size=512, num_layers=4, num_experts=16, moe_router_topk=2, vocab_size=8192,
               num_attention_heads=8, num_query_groups=4, head_dim=64, moe_ffn_hidden_size=256,
@@ -53,10 +53,12 @@ def matmul_peak(n=2048, repeats=5) -> float:
     return 2 * n**3 / t["median"]
 
 
-def bench_ours(c, ids, repeats):
+def ours_step(c, ids):
+    """A closure running one train step of our actor (the model and optimizer built here)."""
     from upgrpo_megatron.megatron.actor import MegatronActor, OptimSettings
     from upgrpo_megatron.megatron.parallel import ParallelSizes, init_model_parallel
 
+    init_world_of_one()
     init_model_parallel(ParallelSizes())
     actor = MegatronActor(model_cfg(c), optim=OptimSettings(lr=1e-4))
     B, S = ids.shape
@@ -67,10 +69,11 @@ def bench_ours(c, ids, repeats):
         loss = -(lp * mb["response_mask"]).sum() / mb["response_mask"].sum()
         return loss, {}
 
-    return timeit(lambda: actor.train_step(iter([batch]), loss_fn), warmup=1, repeats=repeats)
+    return lambda: actor.train_step(iter([batch]), loss_fn)
 
 
-def bench_transformers(c, ids, repeats):
+def transformers_step(c, ids):
+    """A closure running one fwd+bwd+AdamW step of transformers' Qwen3-MoE on the same config and batch."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     cfg = Qwen3MoeConfig(
@@ -94,36 +97,38 @@ def bench_transformers(c, ids, repeats):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
 
-    return timeit(step, warmup=1, repeats=repeats)
+    return step
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--pairs", type=int, default=MIN_PAIRS)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads for both sides (default: torch's)")
     ap.add_argument("--results", default=None, help="results.json to merge into (default bench/results.json)")
     a = ap.parse_args(argv)
     c = TINY if a.tiny else MEDIUM
-    repeats = a.repeats or (2 if a.tiny else 5)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     ids = torch.randint(0, c["vocab_size"], (c["batch"], c["seq"]))
     tokens = c["batch"] * c["seq"]
     peak = matmul_peak(512 if a.tiny else 2048)
-    theirs = bench_transformers(c, ids, repeats)
-    ours = bench_ours(c, ids, repeats)
+    pairs = interleave(ours_step(c, ids), transformers_step(c, ids), pairs=a.pairs)
+    s = pairs.summary()
     flops = step_flops(c)
-    ours_tps, theirs_tps = tokens / ours["median"], tokens / theirs["median"]
+    ours_tps, theirs_tps = tokens / s["ours"]["median"], tokens / s["theirs"]["median"]
     entry = record(
-        "actor_step" + ("_tiny" if a.tiny else ""), ours_tps, theirs_tps, ours_tps / theirs_tps, "tokens/s",
+        "actor_step" + ("_tiny" if a.tiny else ""), ours_tps, theirs_tps, None, "tokens/s",
         config={**c, "threads": torch.get_num_threads()},
-        extra={"ours_s": ours, "theirs_s": theirs, "matmul_peak_flops": peak,
-               "ours_flops_frac_of_peak": flops / ours["median"] / peak,
-               "theirs_flops_frac_of_peak": flops / theirs["median"] / peak, "step_flops": flops},
-        path=a.results,
+        extra={"ours_s": s["ours"], "theirs_s": s["theirs"], "matmul_peak_flops": peak,
+               "ours_flops_frac_of_peak": flops / s["ours"]["median"] / peak,
+               "theirs_flops_frac_of_peak": flops / s["theirs"]["median"] / peak, "step_flops": flops},
+        path=a.results, pairs=pairs,
     )
-    print(f"actor step: ours {ours_tps:.0f} tok/s, transformers {theirs_tps:.0f} tok/s, "
-          f"ratio {entry['ratio']:.2f}x; ours at {100 * entry['extra']['ours_flops_frac_of_peak']:.1f}% of "
-          f"matmul peak {peak / 1e9:.1f} GFLOP/s")
+    print(f"actor step: ours {ours_tps:.0f} tok/s, transformers {theirs_tps:.0f} tok/s (medians), ratio "
+          f"{pairs.describe()}, load {pairs.load_start}; ours at "
+          f"{100 * entry['extra']['ours_flops_frac_of_peak']:.1f}% of matmul peak {peak / 1e9:.1f} GFLOP/s")
 
 
 if __name__ == "__main__":

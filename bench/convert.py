@@ -2,13 +2,17 @@
 writing the same safetensors bytes (`safetensors.torch.load_file` + `save_file`, the floor any converter
 pays), at two model sizes so that peak memory can be read against model size.
 
-    python bench/convert.py [--layers 4 12] [--repeats 2]
-    python bench/convert.py --tiny      # one 1-layer model, one repeat: a smoke run (entries named *_tiny)
+    python bench/convert.py [--layers 4 12] [--pairs 5]
+    python bench/convert.py --tiny      # one 1-layer model, two rounds: a smoke run (entries named *_tiny)
 
-Each measure runs in a fresh process (`--child`), timed after imports and process-group start-up; memory is
-the process's peak RSS minus its RSS just before the conversion (what the conversion itself added).
-Writes `convert_hf_to_megatron` and `convert_megatron_to_hf` into bench/results.json (MB/s; ratio > 1 means
-ours moves bytes faster than the plain copy).
+Each measure runs in a fresh process (`--child`), timed after imports (a conversion in one process needs no
+process group; the fallback through megatron's loader starts one itself); memory is
+the process's peak RSS minus its RSS just before the conversion (what the conversion itself added). After a
+warm-up round, each round runs the plain copy, HF -> Megatron and Megatron -> HF (of that round's checkpoint)
+one after another, so every round gives one (ours, plain copy) pair per direction; the ratio is the median of
+the pairwise ratios (`bench.common`), at the largest size. Writes `convert_hf_to_megatron` and
+`convert_megatron_to_hf` into bench/results.json (MB/s; ratio > 1 means ours moves bytes faster than the plain
+copy).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -90,9 +95,7 @@ def child(mode: str, src: str, dst: str) -> dict:
 
     from upgrpo_megatron.convert.megatron_io import convert_hf_to_megatron, convert_megatron_to_hf
     from upgrpo_megatron.megatron import checkpoint, model, parallel  # noqa: F401  (imports are not timed)
-    from upgrpo_megatron.megatron.parallel import init_distributed
 
-    init_distributed()
     base, base_anon = _rss_bytes(), _rss_bytes("RssAnon")
     sampler = _AnonPeak()
     t0 = time.perf_counter()
@@ -123,10 +126,25 @@ def run_child(mode: str, src: Path, dst: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+MODES = (("plain_copy", "hf", "copy"), ("hf_to_megatron", "hf", "ckpt"), ("megatron_to_hf", "ckpt", "export"))
+
+
+def run_rounds(hf: Path, tmp: Path, pairs: int) -> dict:
+    """A warm-up round, then `pairs` rounds of the three modes; per mode the list of child results."""
+    dirs = {"hf": hf, "copy": tmp / "copy", "ckpt": tmp / "ckpt", "export": tmp / "export"}
+    runs = {mode: [] for mode, *_ in MODES}
+    for i in range(pairs + 1):
+        for mode, src, dst in MODES:
+            r = run_child(mode, dirs[src], dirs[dst])
+            if i:
+                runs[mode].append(r)
+    return runs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, nargs="+", default=[4, 12])
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--pairs", type=int, default=None, help="measured rounds after the warm-up (default 5)")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--results", default=None, help="results.json to merge into (default bench/results.json)")
     ap.add_argument("--child", nargs=3, metavar=("MODE", "SRC", "DST"), help=argparse.SUPPRESS)
@@ -134,46 +152,47 @@ def main() -> None:
     if a.child:
         print(json.dumps(child(*a.child)))
         return
+    from bench.common import MIN_PAIRS, Pairs, record, stats
+
     if a.tiny:
-        a.layers, a.repeats = [1], 1
+        a.layers = [1]
+    pairs = a.pairs or (2 if a.tiny else MIN_PAIRS)
 
-    from bench.common import record
-
-    rows = []
+    rows, big_pairs = [], {}
     with tempfile.TemporaryDirectory(prefix="bench_convert_") as tmp:
         tmp = Path(tmp)
         for layers in a.layers:
-            cfg = model_cfg(layers)
             hf = tmp / f"hf_{layers}"
-            nbytes = make_hf(cfg, hf)
-            best = {}
-            for _ in range(a.repeats):
-                for mode, src, dst in (("plain_copy", hf, tmp / "copy"), ("hf_to_megatron", hf, tmp / f"ck_{layers}"),
-                                       ("megatron_to_hf", tmp / f"ck_{layers}", tmp / "export")):
-                    r = run_child(mode, src, dst)
-                    if mode not in best or r["seconds"] < best[mode]["seconds"]:
-                        best[mode] = r
+            nbytes = make_hf(model_cfg(layers), hf)
+            load = Pairs().load_start
+            runs = run_rounds(hf, tmp, pairs)
             row = {"layers": layers, "model_mb": nbytes / 1e6}
-            for mode, r in best.items():
-                row[f"{mode}_mb_s"] = nbytes / 1e6 / r["seconds"]
-                row[f"{mode}_peak_added_mb"] = r["peak_added_bytes"] / 1e6
-                row[f"{mode}_peak_anon_added_mb"] = r["peak_anon_added_bytes"] / 1e6
+            for mode, rs in runs.items():
+                secs = [r["seconds"] for r in rs]
+                row[f"{mode}_s"] = stats(secs)
+                row[f"{mode}_mb_s"] = nbytes / 1e6 / statistics.median(secs)
+                row[f"{mode}_peak_added_mb"] = statistics.median(r["peak_added_bytes"] for r in rs) / 1e6
+                row[f"{mode}_peak_anon_added_mb"] = statistics.median(r["peak_anon_added_bytes"] for r in rs) / 1e6
+            for mode in ("hf_to_megatron", "megatron_to_hf"):
+                big_pairs[mode] = Pairs([r["seconds"] for r in runs[mode]],
+                                        [r["seconds"] for r in runs["plain_copy"]], load_start=load)
+                print(f"[convert] {layers} layers {mode}: {big_pairs[mode].describe()}", flush=True)
             rows.append(row)
-            print(json.dumps(row))
+            print(json.dumps(row), flush=True)
     big = rows[-1]
     config = {"arch": "qwen3_moe", "hidden": 256, "experts": 32, "moe_ffn": 128, "vocab": 4096, "dtype": "fp32",
               "layers": [r["layers"] for r in rows], "processes": 1, "export_batch_mb": 8}
     extra = {"rows": rows, "note": "peak_added = process peak RSS minus RSS before converting (includes mmap'd "
                                    "file pages); peak_anon_added = the same for anonymous memory (sampled every 5 ms)."
-                                   " HF->Megatron holds the model (one rank's shard under torchrun); Megatron->HF "
-                                   "holds one read batch (8 MB here)"}
+                                   " HF->Megatron streams one tensor group at a time; Megatron->HF holds one read "
+                                   "batch (8 MB here); medians over the rounds"}
     for mode, name in (("hf_to_megatron", "convert_hf_to_megatron"), ("megatron_to_hf", "convert_megatron_to_hf")):
         ours, theirs = big[f"{mode}_mb_s"], big["plain_copy_mb_s"]
-        record(name + ("_tiny" if a.tiny else ""), ours, theirs, ours / theirs, "MB/s", config,
+        record(name + ("_tiny" if a.tiny else ""), ours, theirs, None, "MB/s", config,
                dict(extra, peak_added_mb={r["layers"]: r[f"{mode}_peak_added_mb"] for r in rows},
                     peak_anon_added_mb={r["layers"]: r[f"{mode}_peak_anon_added_mb"] for r in rows},
                     plain_copy_peak_added_mb={r["layers"]: r["plain_copy_peak_added_mb"] for r in rows}),
-               path=a.results)
+               path=a.results, pairs=big_pairs[mode])
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ dense one-hot formulation a first implementation reaches for (`[tokens, layers, 
     python bench/diagnostics.py [--tiny]
 
 Records `diagnostics_step` in bench/results.json: seconds per call of the train-vs-rollout bundle
-(`step_diagnostics`: mismatch, ratio per expert, probability gap, loads, validity), ratio = dense / ours.
+(`step_diagnostics`: mismatch, ratio per expert, probability gap, loads, validity), ratio = dense / ours, the
+median of interleaved pairs (`bench.common.interleave`).
 `extra.us_per_token` lets one project the share of an RL step at a given batch size.
 """
 
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import record, timeit  # noqa: E402
+from bench.common import MIN_PAIRS, interleave, record  # noqa: E402
 from upgrpo_megatron.diagnostics import step_diagnostics  # noqa: E402
 from upgrpo_megatron.diagnostics.synthetic import perturb_routing, random_routing  # noqa: E402
 
@@ -43,6 +44,7 @@ def dense_baseline(train, roll, mask, log_ratio, adv, num_experts):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--pairs", type=int, default=MIN_PAIRS)
     ap.add_argument("--results", default=None, help="results.json to merge into (default bench/results.json)")
     a = ap.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
@@ -62,16 +64,16 @@ def main(argv=None) -> int:
     def theirs():
         dense_baseline(train, roll, mask, old - rollout, adv, E)
 
-    reps = 2 if a.tiny else 5
-    t_ours, t_theirs = timeit(ours, repeats=reps)["median"], timeit(theirs, repeats=reps)["median"]
+    pairs = interleave(ours, theirs, pairs=a.pairs)
+    t_ours, t_theirs = pairs.summary()["ours"]["median"], pairs.summary()["theirs"]["median"]
     tokens = int(mask.sum())
-    entry = record("diagnostics_step" + ("_tiny" if a.tiny else ""), t_ours, t_theirs, t_theirs / t_ours, "s/call",
+    entry = record("diagnostics_step" + ("_tiny" if a.tiny else ""), t_ours, t_theirs, None, "s/call",
                    {"batch": B, "response_len": R, "layers": L, "experts": E, "topk": K, "tiny": a.tiny},
                    {"us_per_token": 1e6 * t_ours / tokens, "tokens": tokens,
                     "note": "ours computes the full bundle; the dense baseline only 3 of its statistics"},
-                   path=a.results)
-    print(f"diagnostics_step: ours {t_ours * 1e3:.1f} ms, dense one-hot {t_theirs * 1e3:.1f} ms "
-          f"({entry['ratio']:.2f}x), {entry['extra']['us_per_token']:.2f} us/token")
+                   path=a.results, pairs=pairs)
+    print(f"diagnostics_step: ours {t_ours * 1e3:.1f} ms, dense one-hot {t_theirs * 1e3:.1f} ms (medians), "
+          f"ratio {pairs.describe()}, {entry['extra']['us_per_token']:.2f} us/token")
     return 0
 
 

@@ -6,10 +6,12 @@ Both get the same inputs ([batch, response_len] old/new log-probs, per-sequence 
 response mask in the inputs' dtype) and do the same work a trainer does per micro-batch: the loss, its backward to
 log_prob, and the three verl metrics as python floats (ours also returns the two up/ metrics).
 
-Time: one process, warm-up, then ours and theirs alternate for `--repeats` rounds (so machine load hits both
-alike); median and spread (min, max) in seconds per call. Threads: `--threads` (default 1: this machine is shared).
+Time: one process, warm-up, then ours and theirs alternate for `--pairs` rounds (so machine load hits both
+alike, `bench.common.interleave`); ratio = median of the pairwise ratios, with their min-max. Threads:
+`--threads` (default 1: this machine is shared).
 
-Peak memory: a fresh subprocess per (implementation, dtype). It runs one warm-up call, then resets the kernel's
+Peak memory: a fresh subprocess per (implementation, dtype, pair), ours and theirs alternating for `--pairs`
+rounds (ratio: median of the pairs, as for time). Each runs one warm-up call, then resets the kernel's
 peak-RSS counter (`echo 5 > /proc/self/clear_refs`), runs one forward + backward, and reports VmHWM - VmRSS
 before the call: the high-water mark of resident memory the call added, gradient included. glibc is told to
 serve every allocation >= 64 KiB with mmap (MALLOC_MMAP_THRESHOLD_=65536), so a freed tensor leaves RSS at once
@@ -25,10 +27,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from bench.common import record  # noqa: E402
+from bench.common import MIN_PAIRS, Pairs, interleave, record  # noqa: E402
 from tests.unit.loss_equations import literal_up_grpo_loss  # noqa: E402
 from upgrpo_megatron.losses import compute_policy_loss  # noqa: E402
 
@@ -99,25 +99,32 @@ def peak_mib(impl: str, dtype: str, batch: int, length: int) -> float:
     return json.loads(out.strip().splitlines()[-1])["peak_mib"]
 
 
-def time_both(dtype: str, batch: int, length: int, warmup: int, repeats: int):
+def time_pairs(dtype: str, batch: int, length: int, warmup: int, pairs: int) -> Pairs:
     old, lp, adv, mask = make_inputs(batch, length, DTYPES[dtype])
-    times = {"ours": [], "theirs": []}
-    for i in range(warmup + repeats):
-        for name, fn in IMPLS.items():
+
+    def call(fn):
+        def run():
             lp.grad = None
-            t0 = time.perf_counter()
             fn(old, lp, adv, mask)
-            dt = time.perf_counter() - t0
-            if i >= warmup:
-                times[name].append(dt)
-    return {k: {"median": statistics.median(v), "min": min(v), "max": max(v), "repeats": len(v)}
-            for k, v in times.items()}
+        return run
+
+    return interleave(call(ours), call(theirs), pairs=pairs, warmup=warmup)
+
+
+def memory_pairs(dtype: str, batch: int, length: int, pairs: int) -> Pairs:
+    """Peak MiB of one call, ours and theirs alternating, each in a fresh process (no warm-up round: each
+    process warms itself up before it measures)."""
+    p = Pairs()
+    for _ in range(pairs):
+        a = peak_mib("ours", dtype, batch, length)
+        p.add(a, peak_mib("theirs", dtype, batch, length))
+    return p
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--pairs", type=int, default=None, help=f"interleaved pairs (default {MIN_PAIRS})")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--child", nargs=4, metavar=("IMPL", "DTYPE", "BATCH", "LEN"), help=argparse.SUPPRESS)
@@ -127,29 +134,31 @@ def main(argv=None) -> int:
         return 0
     torch.set_num_threads(a.threads)
     batch, length = (16, 256) if a.tiny else (512, 8192)
-    repeats, warmup = a.repeats or (10 if a.tiny else 7), 5 if a.tiny else 2
+    pairs, warmup = a.pairs or MIN_PAIRS, 5 if a.tiny else 2
+    mem_pairs = a.pairs or (2 if a.tiny else MIN_PAIRS)  # a fresh process per call: the smoke run keeps it short
     suffix = "_tiny" if a.tiny else ""
     ok = True
     for dtype in a.dtypes.split(","):
-        t = time_both(dtype, batch, length, warmup, repeats)
-        mem = {impl: peak_mib(impl, dtype, batch, length) for impl in IMPLS}
-        config = {"batch": batch, "response_len": length, "dtype": dtype, "loss_mode": "up_grpo",
-                  "loss_agg_mode": "token-mean", "threads": a.threads, "device": "cpu"}
-        record(f"losses_up_grpo_fwd_bwd_{dtype}{suffix}", t["ours"]["median"], t["theirs"]["median"],
-               t["theirs"]["median"] / t["ours"]["median"], "s/call", config,
-               {"ours": t["ours"], "theirs": t["theirs"], "theirs_impl": "seed appendix (transcribed)"})
+        t = time_pairs(dtype, batch, length, warmup, pairs)
         # RSS moves in 4 KiB pages: a call that added less than a page counts as one page (tiny sizes add none)
         page = 4 / 1024
-        mem_ratio = max(mem["theirs"], page) / max(mem["ours"], page)
-        record(f"losses_up_grpo_peak_mem_{dtype}{suffix}", mem["ours"], mem["theirs"], mem_ratio, "MiB", config,
+        m = memory_pairs(dtype, batch, length, mem_pairs)
+        m = Pairs([max(x, page) for x in m.ours], [max(x, page) for x in m.theirs], load_start=m.load_start)
+        ts, ms = t.summary(), m.summary()
+        config = {"batch": batch, "response_len": length, "dtype": dtype, "loss_mode": "up_grpo",
+                  "loss_agg_mode": "token-mean", "threads": a.threads, "device": "cpu"}
+        record(f"losses_up_grpo_fwd_bwd_{dtype}{suffix}", ts["ours"]["median"], ts["theirs"]["median"], None,
+               "s/call", config, {"ours": ts["ours"], "theirs": ts["theirs"],
+                                  "theirs_impl": "seed appendix (transcribed)"}, pairs=t)
+        record(f"losses_up_grpo_peak_mem_{dtype}{suffix}", ms["ours"]["median"], ms["theirs"]["median"], None,
+               "MiB", config,
                {"method": "VmHWM - VmRSS of one fwd+bwd in a fresh process after warm-up (clear_refs reset, "
-                          "glibc mmap threshold 64 KiB)", "theirs_impl": "seed appendix (transcribed)"})
-        print(f"[losses] {dtype} [{batch}, {length}]: time ours {t['ours']['median'] * 1e3:.1f} ms "
-              f"[{t['ours']['min'] * 1e3:.1f}, {t['ours']['max'] * 1e3:.1f}] vs theirs "
-              f"{t['theirs']['median'] * 1e3:.1f} ms [{t['theirs']['min'] * 1e3:.1f}, {t['theirs']['max'] * 1e3:.1f}]"
-              f" -> {t['theirs']['median'] / t['ours']['median']:.2f}x;  peak mem ours {mem['ours']:.1f} MiB vs "
-              f"theirs {mem['theirs']:.1f} MiB -> {mem_ratio:.2f}x", flush=True)
-        ok &= t["ours"]["median"] <= t["theirs"]["median"] and mem["ours"] <= mem["theirs"]
+                          "glibc mmap threshold 64 KiB)", "theirs_impl": "seed appendix (transcribed)"}, pairs=m)
+        print(f"[losses] {dtype} [{batch}, {length}]: time ours {ts['ours']['median'] * 1e3:.1f} ms vs theirs "
+              f"{ts['theirs']['median'] * 1e3:.1f} ms (medians) -> {t.describe()};  peak mem ours "
+              f"{ms['ours']['median']:.1f} MiB vs theirs {ms['theirs']['median']:.1f} MiB -> {m.describe()}",
+              flush=True)
+        ok &= t.ratio >= 1 and m.ratio >= 1
     if not ok:
         print("[losses] target not met: ours is slower or uses more memory than the reference", flush=True)
     return 0

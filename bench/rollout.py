@@ -3,9 +3,11 @@
 Same random Qwen3-MoE weights, same prompts, n samples per prompt, exactly `max_tokens` new tokens each (no
 stop token), sampling at temperature 1, log-probs of the sampled tokens returned by both. Ours also returns
 rollout routing (one extra prefill replay); ours without routing is reported in `extra`. Also reported: engine
-start time and in-memory weight sync time. One run, same machine, same threads.
+start time and in-memory weight sync time. One run, same machine, same threads; the engine is started first and
+the two generators then alternate (`bench.common.interleave`: ratio = median of the pairwise ratios).
 
-    python bench/rollout.py            # medium model (hidden 512, 4 layers, 16 experts), 8 prompts x 4 samples x 32 tokens
+    python bench/rollout.py            # medium model (hidden 512, 4 layers, 16 experts),
+                                       # 8 prompts x 4 samples x 32 tokens
     python bench/rollout.py --tiny     # the tests' tiny model, seconds of generation (used as a smoke run)
 """
 
@@ -21,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.common import record, timeit  # noqa: E402
+from bench.common import MIN_PAIRS, interleave, record, timeit  # noqa: E402
 
 MEDIUM = dict(model=dict(vocab_size=8192, hidden_size=512, num_hidden_layers=4, num_attention_heads=8,
                          num_key_value_heads=4, head_dim=64, intermediate_size=1024, moe_intermediate_size=256,
@@ -43,7 +45,8 @@ def build_model(c):
     return Qwen3MoeForCausalLM(cfg).eval()
 
 
-def bench_transformers(model, prompts, c, repeats):
+def transformers_generate(model, prompts, c):
+    """A closure sampling with transformers' `generate` (returns the sampled tokens' log-probs)."""
     ids = torch.tensor(prompts).repeat_interleave(c["n"], dim=0)  # [prompts * n, prompt_len], equal lengths
 
     def run():
@@ -55,13 +58,14 @@ def bench_transformers(model, prompts, c, repeats):
         logits = torch.stack(out.logits, 1).float()  # raw logits, like the engine's raw log-probs
         return torch.log_softmax(logits, -1).gather(-1, new[..., None]).squeeze(-1)
 
-    return timeit(run, warmup=1, repeats=repeats)
+    return run
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=None, help="repeats of the engine-only timings")
+    ap.add_argument("--pairs", type=int, default=MIN_PAIRS)
     ap.add_argument("--results", default=None, help="results.json to merge into (default bench/results.json)")
     a = ap.parse_args(argv)
     c = TINY if a.tiny else MEDIUM
@@ -70,8 +74,6 @@ def main(argv=None):
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(3, c["model"]["vocab_size"], (c["prompts"], c["prompt_len"]), generator=g).tolist()
     tokens = c["prompts"] * c["n"] * c["max_tokens"]
-
-    theirs = bench_transformers(model, prompts, c, repeats)
 
     from upgrpo_megatron.rollout import RolloutEngine
 
@@ -82,7 +84,10 @@ def main(argv=None):
     start_s = time.perf_counter() - t0
     try:
         kw = dict(n=c["n"], temperature=1.0, max_tokens=c["max_tokens"], stop_token_ids=[], seed=3)
-        ours = timeit(lambda: engine.generate(prompts, **kw), warmup=1, repeats=repeats)
+        pairs = interleave(lambda: engine.generate(prompts, **kw), transformers_generate(model, prompts, c),
+                           pairs=a.pairs)
+        s = pairs.summary()
+        ours, theirs = s["ours"], s["theirs"]
         engine.capture_routing = False
         ours_no_routing = timeit(lambda: engine.generate(prompts, **kw), warmup=0, repeats=repeats)
         engine.capture_routing = True
@@ -93,16 +98,18 @@ def main(argv=None):
         engine.shutdown()
     ours_tps, theirs_tps = tokens / ours["median"], tokens / theirs["median"]
     entry = record(
-        "rollout" + ("_tiny" if a.tiny else ""), ours_tps, theirs_tps, ours_tps / theirs_tps, "tokens/s",
+        "rollout" + ("_tiny" if a.tiny else ""), ours_tps, theirs_tps, None, "tokens/s",
         config={**{k: v for k, v in c.items() if k != "model"}, **c["model"], "dtype": "float32",
                 "threads": torch.get_num_threads()},
-        extra={"ours_s": ours, "theirs_s": theirs, "ours_without_routing_tokens_per_s": tokens / ours_no_routing["median"],
+        extra={"ours_s": ours, "theirs_s": theirs,
+               "ours_without_routing_tokens_per_s": tokens / ours_no_routing["median"],
                "engine_start_s": start_s, "weight_sync_s": sync, "weight_sync_bytes": sync_bytes,
                "weight_sync_GB_per_s": sync_bytes / sync["median"] / 1e9},
-        path=a.results,
+        path=a.results, pairs=pairs,
     )
-    print(f"rollout: ours {ours_tps:.0f} tokens/s (without routing {entry['extra']['ours_without_routing_tokens_per_s']:.0f}), "
-          f"transformers generate {theirs_tps:.0f} tokens/s, ratio {entry['ratio']:.2f}x; engine start {start_s:.0f}s; "
+    no_routing = entry["extra"]["ours_without_routing_tokens_per_s"]
+    print(f"rollout: ours {ours_tps:.0f} tokens/s (without routing {no_routing:.0f}), transformers generate "
+          f"{theirs_tps:.0f} tokens/s (medians), ratio {pairs.describe()}; engine start {start_s:.0f}s; "
           f"weight sync {sync['median']:.2f}s for {sync_bytes / 1e6:.1f} MB")
 
 

@@ -25,17 +25,39 @@ MARKERS = ("<!-- bench-table:start (rendered by bench/run_all.py --table) -->", 
 SCRIPTS = ["losses.py", "actor_step.py", "rollout.py", "convert.py", "diagnostics.py", "rl_step.py", "scaling.py"]
 
 
+def ratio_cell(e: dict) -> str:
+    """Median pairwise ratio with [min-max] and the pair count; a range that straddles 1 is no clear
+    difference. Entries measured before the paired method show their single ratio."""
+    if "ratio_min" not in e:
+        how = "derived" if e.get("extra", {}).get("derived") else "unpaired"
+        return f"**{e['ratio']:.2f}x** ({how})"
+    lo, hi, n = e["ratio_min"], e["ratio_max"], e.get("n_pairs", len(e.get("pairs", [])))
+    spread = f"{e['ratio']:.2f}x [{lo:.2f}-{hi:.2f}], {n} pairs"
+    return f"no clear difference ({spread})" if lo < 1 < hi else f"**{spread}**"
+
+
+def machines_line(data: dict) -> str:
+    machines = (e.get("machine", {}) for e in data.values())
+    seen = sorted({(m.get("cpu", "CPU model not recorded"), m.get("cores", m.get("cpus", "?"))) for m in machines})
+    return "Machine: " + "; ".join(f"{cpu}, {cores} cores" for cpu, cores in seen) + ".\n\n" if seen else ""
+
+
 def render_table(results: Path = HERE / "results.json") -> str:
-    """The markdown table of every full-size measure (`*_tiny` smoke entries are left out)."""
+    """The markdown table of every full-size measure (`*_tiny` smoke entries are left out), preceded by the
+    machine it ran on."""
     data = json.loads(results.read_text()) if results.exists() else {}
     data = {k: v for k, v in data.items() if not k.endswith("_tiny")}
-    lines = ["| measure | ours | theirs | ratio (>1: ours is better) | unit | config |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| measure | ours | theirs | ratio, median of pairs [min-max] (>1: ours is better) | unit "
+             "| load avg at start | config |",
+             "|---|---|---|---|---|---|---|"]
     for name in sorted(data):
         e = data[name]
         cfg = ", ".join(f"{k}={v}" for k, v in list(e.get("config", {}).items())[:6])
-        lines.append(f"| {name} | {e['ours']:.4g} | {e['theirs']:.4g} | **{e['ratio']:.2f}x** | {e['unit']} | {cfg} |")
-    return "\n".join(lines) + "\n"
+        load = e.get("load_avg_start") or []
+        load_s = f"{load[0]:.1f}" if load else "?"
+        lines.append(f"| {name} | {e['ours']:.4g} | {e['theirs']:.4g} | {ratio_cell(e)} | {e['unit']} | {load_s} "
+                     f"| {cfg} |")
+    return machines_line(data) + "\n".join(lines) + "\n"
 
 
 def update_readme(table: str, readme: Path = README) -> bool:

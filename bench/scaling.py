@@ -1,26 +1,29 @@
 """How the actor train step (forward + backward + optimizer, our Megatron actor) grows with the model and the
 ranks, with a fitted growth law.
 
-1. Sweeps from one base config, one dimension at a time: hidden size, experts, layers, tokens per step.
-   Each point: median of `repeats` steps after a warm-up step. Entry `scaling_<dim>`: ours = step-time growth
-   from the smallest to the largest point, theirs = the growth of the step's matmul FLOPs (time proportional
-   to FLOPs is the ideal), ratio = FLOP growth / time growth (> 1: time grows slower than the work).
-   The sweeps run on one thread with their steps interleaved round-robin (robust to other jobs' load).
-2. A least-squares fit over all points of log t = log c + alpha * log(tokens x active params): entry
-   `scaling_fit` (ours = alpha, theirs = 1, the linear law; ratio = 1 / alpha; R^2 in the config). The
-   experts sweep holds active params fixed, so it tests the MoE promise that total experts cost ~nothing;
-   a second fit `t = a * tokens * active + b * total_params + c` (the optimizer and the expert loop scale with
-   total params) is kept in `extra`.
-3. Ranks 1 -> 2 (`torchrun --nproc_per_node=2`, gloo) at the same global batch, as data parallel (dp=2) and
-   as expert parallel (ep=2, which on two ranks is also dp=2 for the dense part): entries `scaling_ranks_dp2`
-   and `scaling_ranks_ep2`, ours = 2-rank step time, theirs = 1-rank step time, one thread per rank (strong
-   scaling: each rank brings one core), ratio = speedup. One rank on both cores (2 threads) is in `extra`.
-
-Step times are the minimum of the interleaved repeats (the cost of the step itself on a machine shared with
-other jobs; medians and maxima are kept in `extra`, and the fit on medians too).
+1. Sweeps from one base config, one dimension at a time: hidden size, experts, layers, tokens per step, on one
+   thread, every point's step run once per round, round-robin (`rounds` rounds after a warm-up round), so a
+   burst of load from other jobs falls on all points of a round alike. Entry `scaling_<dim>`: per round the
+   step-time growth from the smallest to the largest point (one pair); ours = median growth, theirs = the
+   growth of the step's matmul FLOPs (time proportional to FLOPs is the ideal), ratio = FLOP growth / time
+   growth, the median of the rounds with its min-max (> 1: time grows slower than the work).
+2. A least-squares fit of log t = log c + alpha * log(tokens x active params) on the points' median times:
+   entry `scaling_fit` (ours = alpha, theirs = 1, the linear law; ratio = 1 / alpha; R^2 in the config; a
+   summary of the sweeps, with the per-round fits' spread in `extra`). The experts sweep holds active params
+   fixed, so it tests the MoE promise that total experts cost ~nothing; a second fit
+   `t = a * tokens * active + b * total_params + c` (the optimizer scales with total params) is in `extra`.
+3. Ranks 1 -> 2 (`torchrun`, gloo) at the same global batch, as data parallel (dp=2) and as expert parallel
+   (ep=2, which on two ranks is also dp=2 for the dense part): entries `scaling_ranks_dp2` and
+   `scaling_ranks_ep2`, ours = 2-rank step time, theirs = 1-rank step time, one thread per rank (strong
+   scaling: each rank brings one core), ratio = speedup. The three jobs (one rank, dp=2, ep=2) start once and
+   stay up; this process then steps them in turn through a TCP store (one, dp2, ep2, one, ...), so they are
+   interleaved like every other comparison and never run at the same time. One rank on both cores (2
+   threads) is a fourth job, kept in `extra`.
 
     python bench/scaling.py            # base: hidden 256, 2 layers, 8 experts top-2, 4 x 128 tokens
     python bench/scaling.py --tiny     # seconds-long smoke sizes
+    python bench/scaling.py --only ranks --profile /tmp/prof   # the ranks comparison, then one profiled step
+                                                               # per job and rank (PATH.<job>.rankN.txt)
 """
 
 from __future__ import annotations
@@ -29,16 +32,16 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.actor_step import step_flops  # noqa: E402
-from bench.common import record, timeit  # noqa: E402
+from bench.common import MIN_PAIRS, Pairs, init_world_of_one, load_avg, record, stats  # noqa: E402
 
 BASE = dict(hidden_size=256, num_layers=2, num_experts=8, moe_router_topk=2, vocab_size=1024,
             num_attention_heads=4, num_query_groups=2, head_dim=64, moe_ffn_hidden_size=128,
@@ -102,21 +105,20 @@ def actor_step_fn(c, ep=1):
     return lambda: actor.train_step(iter([batch]), loss_fn)
 
 
-def time_round_robin(fns, repeats):
-    """Per closure: median/min/max seconds of `repeats` calls after one warm-up call, the calls interleaved
-    round-robin so that a burst of load from other processes spreads over all points instead of one."""
-    import statistics
+def time_round_robin(fns, rounds):
+    """Per closure: the wall seconds of each of `rounds` calls after one warm-up call, the calls interleaved
+    round-robin (round r holds every closure's r-th call)."""
     import time
 
     for f in fns:
         f()
     times = [[] for _ in fns]
-    for _ in range(repeats):
+    for _ in range(rounds):
         for i, f in enumerate(fns):
             t0 = time.perf_counter()
             f()
             times[i].append(time.perf_counter() - t0)
-    return [{"median": statistics.median(t), "min": min(t), "max": max(t), "repeats": repeats} for t in times]
+    return times
 
 
 def fit_power(xs, ts):
@@ -144,117 +146,245 @@ def fit_two_term(work, total, ts):
 
 
 # ----------------------------------------------------------------------------------------------- ranks
+def _control_store(addr: str):
+    import datetime
+
+    import torch.distributed as dist
+
+    host, port = addr.rsplit(":", 1)
+    return dist.TCPStore(host, int(port), is_master=False, timeout=datetime.timedelta(minutes=30))
+
+
 def worker(a) -> int:
-    """Under torchrun (or alone): time the base config at the given EP, rank 0 writes the result."""
+    """Under torchrun: build the actor at the given EP, take one warm-up step, then one step per round each
+    time the parent says go (through the TCP store at `--control`); rank 0 reports each step's seconds."""
+    import time
+
     import torch
+    import torch.distributed as dist
 
     from upgrpo_megatron.megatron.parallel import ParallelSizes, init_distributed, init_model_parallel
 
     rank, world = init_distributed("gloo")
     init_model_parallel(ParallelSizes(ep=a.ep), backend="gloo")
-    c = json.loads(a.config)
-    step = actor_step_fn(c, ep=a.ep)
-    t = timeit(step, warmup=1, repeats=a.repeats)
+    ctl = _control_store(a.control)
+    step = actor_step_fn(json.loads(a.config), ep=a.ep)
+    step()
+    dist.barrier()
+    if rank == 0:
+        ctl.set(f"{a.job}/ready", json.dumps({"world": world, "threads": torch.get_num_threads()}))
+    for i in range(a.rounds):
+        ctl.wait([f"{a.job}/go/{i}"])
+        dist.barrier()
+        t0, c0 = time.perf_counter(), time.process_time()
+        step()
+        cpu = torch.tensor([time.process_time() - c0])  # CPU seconds this rank used (waits excluded)
+        dist.all_reduce(cpu, op=dist.ReduceOp.MAX)  # also the barrier: the step is done when the slowest rank is
+        if rank == 0:
+            ctl.set(f"{a.job}/done/{i}", json.dumps([time.perf_counter() - t0, cpu.item()]))
     if a.profile:  # one more step under torch.profiler: the top ops of each rank, by self CPU time
         from torch.profiler import ProfilerActivity, profile
 
+        ctl.wait([f"{a.job}/go/profile"])
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             step()
+        dist.barrier()
         table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
-        Path(f"{a.profile}.rank{rank}.txt").write_text(table)
-    if rank == 0:
-        Path(a.out).write_text(json.dumps({"s": t, "world": world, "ep": a.ep, "threads": torch.get_num_threads()}))
+        Path(f"{a.profile}.{a.job}.rank{rank}.txt").write_text(table)
+        if rank == 0:
+            ctl.set(f"{a.job}/done/profile", "[0, 0]")
     return 0
 
 
-def run_ranks(c, nproc, ep, repeats, tmp: Path, threads: int) -> dict:
-    out = tmp / f"ranks_{nproc}_{ep}_{threads}.json"
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", __file__,
-           "--worker", "--ep", str(ep), "--repeats", str(repeats), "--config", json.dumps(c), "--out", str(out)]
-    subprocess.run(cmd, env=env, check=True, cwd=ROOT)
-    return json.loads(out.read_text())
+class RankJobs:
+    """Several torchrun jobs of `worker`, started together, then stepped one at a time through a TCP store."""
+
+    def __init__(self, cfg: dict, jobs: dict, rounds: int, profile=None):
+        import datetime
+
+        import torch.distributed as dist
+
+        self.store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                                   timeout=datetime.timedelta(minutes=30))
+        self.jobs, self.procs = jobs, {}
+        for name, (nproc, ep, threads) in jobs.items():
+            env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+            for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+                env.pop(k, None)
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                   __file__, "--worker", "--job", name, "--ep", str(ep), "--rounds", str(rounds),
+                   "--config", json.dumps(cfg), "--control", f"127.0.0.1:{self.store.port}",
+                   *(["--profile", str(profile)] if profile else [])]
+            self.procs[name] = subprocess.Popen(cmd, env=env, cwd=ROOT)
+        self.info = {name: json.loads(self._wait(f"{name}/ready", name)) for name in jobs}
+
+    def _wait(self, key: str, job: str) -> str:
+        import datetime
+
+        while True:  # poll, so that a job that died is reported instead of waited for
+            try:
+                self.store.wait([key], datetime.timedelta(seconds=2))
+                return self.store.get(key).decode()
+            except RuntimeError:
+                if self.procs[job].poll() is not None:
+                    raise RuntimeError(f"scaling job {job} exited with {self.procs[job].returncode}") from None
+
+    def step(self, job: str, i):
+        """Run one step of `job`: (wall seconds, CPU seconds of its busiest rank)."""
+        self.store.set(f"{job}/go/{i}", "1")
+        return json.loads(self._wait(f"{job}/done/{i}", job))
+
+    def close(self, ok: bool = True) -> None:
+        """Wait for the jobs to finish (after an error: stop them, they would wait for a go that never comes)."""
+        for p in self.procs.values():
+            if not ok and p.poll() is None:
+                p.terminate()
+        for name, p in self.procs.items():
+            if p.wait(timeout=600) and ok:
+                raise RuntimeError(f"scaling job {name} exited with {p.returncode}")
+
+
+def run_ranks(cfg: dict, rounds: int, with_all_cores: bool, profile=None) -> dict:
+    """Seconds per step of each job, interleaved round by round (one, dp2, ep2[, one on all cores])."""
+    cores = os.cpu_count() or 2
+    jobs = {"one": (1, 1, 1), "dp2": (2, 1, max(1, cores // 2)), "ep2": (2, 2, max(1, cores // 2))}
+    if with_all_cores:
+        jobs["one_all_cores"] = (1, 1, cores)
+    load = load_avg()
+    rj = RankJobs(cfg, jobs, rounds, profile)
+    times = {name: [] for name in jobs}
+    cpu = {name: [] for name in jobs}
+    ok = False
+    try:
+        for i in range(rounds):
+            for name in jobs:
+                wall, busy = rj.step(name, i)
+                times[name].append(wall)
+                cpu[name].append(busy)
+        if profile:
+            for name in jobs:
+                rj.step(name, "profile")
+        ok = True
+    finally:
+        rj.close(ok)
+    return {"times": times, "cpu": cpu, "info": rj.info, "load_start": load}
 
 
 # ----------------------------------------------------------------------------------------------- main
+def sweep_entries(points, sweeps, base, rounds, sfx, threads, results):
+    """One entry per sweep: the pairs (smallest, largest point) of each round."""
+    for dim, (key, values) in sweeps.items():
+        ps_ = [p for p in points if p["dim"] == dim]
+        lo, hi = ps_[0], ps_[-1]
+        fg = hi["flops"] / lo["flops"]
+        pairs = Pairs(list(hi["times"]), [t * fg for t in lo["times"]], load_start=points[0]["load_start"])
+        growth = [h / lo_t for h, lo_t in zip(hi["times"], lo["times"])]
+        tg = statistics.median(growth)
+        record(f"scaling_{dim}{sfx}", tg, fg, None, f"x growth {key} {values[0]}->{values[-1]}",
+               {key: values, **{k: v for k, v in base.items() if k != key}, "threads": threads},
+               {"points": ps_, "time_growth": stats(growth)}, path=results, pairs=pairs)
+        print(f"[scaling] {dim} {key} {values[0]}->{values[-1]}: time x{tg:.2f} [{min(growth):.2f}-"
+              f"{max(growth):.2f}] for FLOPs x{fg:.2f}: ratio {pairs.describe()}", flush=True)
+
+
+def fit_entry(points, rounds, sfx, results, tiny):
+    """The growth law fitted on the points' median times: a summary of the sweeps, not a comparison of its
+    own (the per-round fits are kept in `extra` for their spread)."""
+    xs = [p["tokens"] * p["active_params"] for p in points]
+    alphas = [fit_power(xs, [p["times"][r] for p in points])[0] for r in range(rounds)]
+    medians = [p["s"]["median"] for p in points]
+    alpha, c0, r2 = fit_power(xs, medians)
+    two_term = fit_two_term(xs, [p["total_params"] for p in points], medians)
+    # ratio = 1 / alpha (> 1: time grows slower than the work); 0 when noise leaves no growth to fit (alpha <= 0)
+    record("scaling_fit" + sfx, alpha, 1.0, 1.0 / alpha if alpha > 0 else 0.0,
+           "exponent: t ~ (tokens x active params)^alpha",
+           {"r2": round(r2, 3), "c": c0, "points": len(points),
+            "base": "tiny" if tiny else "hidden 256, L2, E8 k2, 4x128 tok"},
+           {"derived": "fit on the sweep points' median times", "alpha_per_round": stats(alphas),
+            "two_term_fit_on_medians": dict(zip(["s_per_token_active_param", "s_per_total_param", "s_const", "r2"],
+                                                two_term)), "points": points}, path=results)
+    print(f"[scaling] fit: t = {c0:.3g} * (tokens x active params)^{alpha:.3f}, R^2 = {r2:.3f} (medians); alpha per "
+          f"round {min(alphas):.3f}-{max(alphas):.3f}; two-term t = {two_term[0]:.3g}*tok*active + "
+          f"{two_term[1]:.3g}*total + {two_term[2]:.3g} (R^2 {two_term[3]:.3f})")
+
+
+def ranks_entries(ranks_cfg, ranks, sfx, results):
+    t = ranks["times"]
+    one = t["one"]
+    for name, ep in (("dp2", 1), ("ep2", 2)):
+        pairs = Pairs(t[name], one, load_start=ranks["load_start"])
+        extra = {"one_rank_s": stats(one), "two_rank_s": stats(t[name]),
+                 # CPU seconds of the busiest rank: the work per rank, without waits for the other rank or for
+                 # a core (on a loaded machine the wall-time speedup is capped by the latter)
+                 "one_rank_cpu_s": stats(ranks["cpu"]["one"]), "two_rank_busiest_cpu_s": stats(ranks["cpu"][name]),
+                 "cpu_speedup": Pairs(ranks["cpu"][name], ranks["cpu"]["one"]).summary()}
+        if "one_all_cores" in t:
+            extra["one_rank_all_cores_s"] = stats(t["one_all_cores"])
+            extra["speedup_vs_one_rank_all_cores"] = Pairs(t[name], t["one_all_cores"]).summary()
+        record(f"scaling_ranks_{name}{sfx}", statistics.median(t[name]), statistics.median(one), None,
+               "s/step (2 ranks vs 1)",
+               {"world": 2, "ep": ep, "dp": 2, "global_batch": ranks_cfg["batch"], "seq": ranks_cfg["seq"],
+                "threads_per_rank": ranks["info"][name]["threads"],
+                "one_rank_threads": ranks["info"]["one"]["threads"]},
+               extra, path=results, pairs=pairs)
+        print(f"[scaling] ranks 1 -> 2 ({name}): {statistics.median(one):.3f}s -> {statistics.median(t[name]):.3f}s "
+              f"(medians), speedup {pairs.describe()}; CPU of the busiest rank "
+              f"{statistics.median(ranks['cpu']['one']):.3f}s -> {statistics.median(ranks['cpu'][name]):.3f}s "
+              f"({Pairs(ranks['cpu'][name], ranks['cpu']['one']).describe()})", flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--rounds", type=int, default=None, help=f"measured rounds (pairs) after a warm-up (default "
+                                                             f"{MIN_PAIRS + 2}, tiny 2)")
+    ap.add_argument("--only", choices=["sweeps", "ranks"], default=None, help="run one part")
     ap.add_argument("--results", default=None, help="results.json to merge into (default bench/results.json)")
+    ap.add_argument("--profile", default=None, help="after the ranks rounds, write a torch.profiler table of one "
+                                                    "step per job and rank to PATH.<job>.rankN.txt")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--job", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--ep", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--config", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--profile", default=None, help="with --worker: write a torch.profiler table per rank to PATH.rankN.txt")
+    ap.add_argument("--control", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    repeats = a.repeats or (2 if a.tiny else 7)
+    rounds = a.rounds or (2 if a.tiny else MIN_PAIRS + 2)
+    a.rounds = rounds
     if a.worker:
-        a.repeats = repeats
         return worker(a)
     import torch
 
-    from upgrpo_megatron.megatron.parallel import ParallelSizes, init_distributed, init_model_parallel
+    from upgrpo_megatron.megatron.parallel import ParallelSizes, init_model_parallel
 
     base, sweeps = (TINY_BASE, TINY_SWEEPS) if a.tiny else (BASE, SWEEPS)
     sfx = "_tiny" if a.tiny else ""
-    tmp = Path(tempfile.mkdtemp(prefix="bench_scaling_"))
 
     # 3 first, in fresh processes (this one then initialises its own world of one for the sweeps)
-    ranks_cfg = dict(base, batch=RANKS_BATCH if not a.tiny else 4)
-    cores = os.cpu_count() or 2
-    one_1t = run_ranks(ranks_cfg, 1, 1, repeats, tmp, threads=1)       # one core: what each rank of two gets
-    one = one_1t if a.tiny else run_ranks(ranks_cfg, 1, 1, repeats, tmp, threads=cores)  # whole machine, one process
-    two = {ep: run_ranks(ranks_cfg, 2, ep, repeats, tmp, threads=max(1, cores // 2)) for ep in (1, 2)}
+    if a.only in (None, "ranks"):
+        ranks_cfg = dict(base, batch=RANKS_BATCH if not a.tiny else 4)
+        ranks = run_ranks(ranks_cfg, rounds, with_all_cores=not a.tiny, profile=a.profile)
+        ranks_entries(ranks_cfg, ranks, sfx, a.results)
+    if a.only == "ranks":
+        return 0
 
     # the sweeps on one thread: on a 2-core machine shared with other jobs, a 2-thread step stalls whenever
     # one of its threads is descheduled (each op waits at the OpenMP barrier), which buries the growth law
     torch.set_num_threads(1)
-    init_distributed("gloo")
+    init_world_of_one()
     init_model_parallel(ParallelSizes())
     cfgs = [(dim, key, v, point(base, key, v)) for dim, (key, values) in sweeps.items() for v in values]
-    timings = time_round_robin([actor_step_fn(c) for *_, c in cfgs], repeats)
+    load = load_avg()
+    timings = time_round_robin([actor_step_fn(c) for *_, c in cfgs], rounds)
     points = []
     for (dim, key, v, c), t in zip(cfgs, timings):
         active, total = params(c)
         tokens = c["batch"] * c["seq"]
-        points.append({"dim": dim, key: v, "s": t, "tokens": tokens, "active_params": active,
-                       "total_params": total, "flops": step_flops(c)})
-        print(f"[scaling] {dim} {key}={v}: {t['median']:.3f}s (min {t['min']:.3f}, max {t['max']:.3f}) "
+        points.append({"dim": dim, key: v, "s": stats(t), "times": t, "tokens": tokens, "active_params": active,
+                       "total_params": total, "flops": step_flops(c), "load_start": load})
+        print(f"[scaling] {dim} {key}={v}: {statistics.median(t):.3f}s (min {min(t):.3f}, max {max(t):.3f}) "
               f"tokens={tokens} active={active / 1e6:.2f}M total={total / 1e6:.2f}M", flush=True)
-
-    threads = torch.get_num_threads()
-    for dim, (key, values) in sweeps.items():
-        ps_ = [p for p in points if p["dim"] == dim]
-        lo, hi = ps_[0], ps_[-1]
-        tg, fg = hi["s"]["min"] / lo["s"]["min"], hi["flops"] / lo["flops"]
-        record(f"scaling_{dim}{sfx}", tg, fg, fg / tg, f"x growth {key} {values[0]}->{values[-1]}",
-               {key: values, **{k: v for k, v in base.items() if k != key}, "threads": threads},
-               {"points": ps_}, path=a.results)
-
-    xs = [p["tokens"] * p["active_params"] for p in points]
-    ts = [p["s"]["min"] for p in points]
-    alpha, c0, r2 = fit_power(xs, ts)
-    alpha_med, _, r2_med = fit_power(xs, [p["s"]["median"] for p in points])
-    two_term = fit_two_term(xs, [p["total_params"] for p in points], ts)
-    record("scaling_fit" + sfx, alpha, 1.0, 1.0 / alpha, "exponent: t ~ (tokens x active params)^alpha",
-           {"r2": round(r2, 3), "c": c0, "points": len(points), "base": "hidden 256, L2, E8 k2, 4x128 tok" if not a.tiny else "tiny"},
-           {"fit_on_medians": {"alpha": alpha_med, "r2": r2_med}, "two_term_fit": dict(zip(["s_per_token_active_param", "s_per_total_param", "s_const", "r2"], two_term)),
-            "points": points}, path=a.results)
-    print(f"[scaling] fit: t = {c0:.3g} * (tokens x active params)^{alpha:.3f}, R^2 = {r2:.3f}; two-term "
-          f"t = {two_term[0]:.3g}*tok*active + {two_term[1]:.3g}*total + {two_term[2]:.3g} (R^2 {two_term[3]:.3f})")
-
-    t1 = one_1t["s"]["min"]
-    for ep, name in ((1, "dp2"), (2, "ep2")):
-        t2 = two[ep]["s"]["min"]
-        record(f"scaling_ranks_{name}{sfx}", t2, t1, t1 / t2, "s/step (2 ranks vs 1)",
-               {"world": 2, "ep": ep, "dp": 2, "global_batch": ranks_cfg["batch"], "seq": ranks_cfg["seq"],
-                "threads_per_rank": two[ep]["threads"], "one_rank_threads": one_1t["threads"]},
-               {"one_rank_s": one_1t["s"], "two_rank_s": two[ep]["s"], "one_rank_all_cores_s": one["s"],
-                "speedup_vs_one_rank_all_cores": one["s"]["min"] / t2}, path=a.results)
-        print(f"[scaling] ranks 1 -> 2 ({name}): {t1:.3f}s -> {t2:.3f}s, speedup {t1 / t2:.2f}x")
+    sweep_entries(points, sweeps, base, rounds, sfx, torch.get_num_threads(), a.results)
+    fit_entry(points, rounds, sfx, a.results, a.tiny)
     return 0
 
 

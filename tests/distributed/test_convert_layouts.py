@@ -103,3 +103,20 @@ def test_tp2_ep2_training_checkpoint_exports_in_one_process_and_reloads_at_tp1(m
         assert r["extra"]["step"] == 3
         print(f"tp2xep2 -> tp1 {arch}: max |logits - transformers| = {_max_diff(r['logits'], ref[arch]):.3g}")
         torch.testing.assert_close(r["logits"], ref[arch], atol=ATOL, rtol=RTOL, msg=lambda m: f"{arch}: {m}")
+
+
+def test_converted_checkpoint_loads_at_tp2_ep2_with_transformers_logits(models, torchrun):
+    """HF -> Megatron in one process (streamed into the torch_dist files, no model built) -> megatron's
+    `load_checkpoint` at TP=2 x EP=2 on 4 ranks: the logits are transformers'."""
+    from upgrpo_megatron.convert.megatron_io import convert_hf_to_megatron
+
+    d, dirs, ref = models
+    ckpts = {arch: convert_hf_to_megatron(dirs[arch], d / f"converted_{arch}", show_progress=False) for arch in ARCHS}
+    out = d / "converted_tp2_ep2.pt"
+    torchrun(WORKER, 4, ["load", "--ckpt", *(str(ckpts[a]) for a in ARCHS), "--tp", "2", "--ep", "2",
+                         "--inputs", str(d / "ids.pt"), "--out", str(out)], timeout=600)
+    got = torch.load(out, weights_only=True)
+    for arch in ARCHS:
+        r = got[str(ckpts[arch])]
+        print(f"converted -> tp2xep2 {arch}: max |logits - transformers| = {_max_diff(r['logits'], ref[arch]):.3g}")
+        torch.testing.assert_close(r["logits"], ref[arch], atol=ATOL, rtol=RTOL, msg=lambda m: f"{arch}: {m}")

@@ -1,4 +1,5 @@
-"""Identical weights at TP=1, TP=2 (+SP), EP=2 and TP=2 x EP=2 give the same log-probs, entropies and grads.
+"""Identical weights at TP=1, TP=2 (+SP), expert-TP=2, EP=2 and TP=2 x EP=2 give the same log-probs, entropies
+and grads.
 
 Real megatron-core GPTModel + DDP + finalize_model_grads under torchrun/gloo; the only thing that changes
 between runs is the parallel layout.
@@ -16,7 +17,7 @@ MODEL_CFG = dict(
     num_query_groups=2, head_dim=16, ffn_hidden_size=128, moe_ffn_hidden_size=32, num_experts=4,
     moe_router_topk=2, rope_theta=10000.0, max_position_embeddings=64, first_k_dense_layers=0,
 )
-LAYOUTS = {"tp2_sp": (2, 2, 1), "ep2": (2, 1, 2), "tp2_ep2": (4, 2, 2)}
+LAYOUTS = {"tp2_sp": (2, 2, 1, 1), "tp2_etp2": (2, 2, 1, 2), "ep2": (2, 1, 2, 1), "tp2_ep2": (4, 2, 2, 1)}
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +53,9 @@ def test_logprob_entropy_match_plain_log_softmax_at_tp1(reference):
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_tp1(reference, name, torchrun):
     d, ref = reference
-    nproc, tp, ep = LAYOUTS[name]
+    nproc, tp, ep, etp = LAYOUTS[name]
     out = d / f"{name}.pt"
-    torchrun(WORKER, nproc, ["--tp", str(tp), "--ep", str(ep), "--weights", str(d / "weights.pt"),
+    torchrun(WORKER, nproc, ["--tp", str(tp), "--ep", str(ep), "--etp", str(etp), "--weights", str(d / "weights.pt"),
                              "--inputs", str(d / "ids.pt"), "--out", str(out)])
     got = torch.load(out, weights_only=True)
     torch.testing.assert_close(got["log_prob"], ref["log_prob"], rtol=1e-5, atol=1e-5)

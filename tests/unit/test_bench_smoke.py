@@ -98,3 +98,31 @@ def test_table_leaves_out_tiny_entries_and_updates_the_readme_between_markers(tm
     assert update_readme(table, readme)
     text = readme.read_text()
     assert text == f"intro\n{MARKERS[0]}\n{table}{MARKERS[1]}\nafter\n"
+
+
+def test_paired_ratios_and_their_rendering(tmp_path):
+    """The ratio of a comparison is the median of its pairwise ratios; the table shows [min-max], the machine and
+    the load at the start, and a range that straddles 1 as no clear difference."""
+    sys.path.insert(0, str(ROOT))
+    from bench.common import Pairs, interleave, record
+    from bench.run_all import render_table
+
+    p = Pairs([1.0, 2.0, 1.0, 4.0, 1.0], [2.0, 2.0, 3.0, 2.0, 1.5])  # seconds: ratios 2, 1, 3, 0.5, 1.5
+    assert p.ratios == [2.0, 1.0, 3.0, 0.5, 1.5] and p.ratio == 1.5
+    tput = Pairs([10.0, 30.0], [5.0, 10.0], lower_is_better=False)  # throughput: ours / theirs
+    assert tput.ratios == [2.0, 3.0]
+    calls = []
+    q = interleave(lambda: calls.append("a"), lambda: calls.append("b"), pairs=5, warmup=1)
+    assert calls == ["a", "b"] * 6 and len(q.ours) == len(q.theirs) == 5
+
+    results = tmp_path / "results.json"
+    record("straddles", 1.0, 1.0, None, "s", {"x": 1}, path=results, pairs=p)
+    record("clear", 1.0, 2.0, None, "s", {"x": 1}, path=results, pairs=Pairs([1.0] * 5, [2.0, 2.5, 3.0, 2.2, 2.1]))
+    data = json.loads(results.read_text())
+    assert data["straddles"]["pairs"] == [[1.0, 2.0], [2.0, 2.0], [1.0, 3.0], [4.0, 2.0], [1.0, 1.5]]
+    assert data["straddles"]["n_pairs"] == 5 and len(data["straddles"]["load_avg_start"]) == 3
+    table = render_table(results)
+    assert table.startswith("Machine: ") and "cores" in table.splitlines()[0]
+    row = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+    assert "no clear difference (1.50x [0.50-3.00], 5 pairs)" in row["straddles"]
+    assert "**2.20x [2.00-3.00], 5 pairs**" in row["clear"]

@@ -180,8 +180,46 @@ def model_cfg_to_hf_config(cfg, tokenizer=None) -> Dict[str, Any]:
     return hf
 
 
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
+
+
+class _MappedSafetensors:
+    """A safetensors file mapped into memory: `view(name)` is the tensor over the file's bytes, no copy.
+
+    The mapping is copy-on-write and private, so writing into a view never changes the file. The header was
+    already validated by `safe_open`; this re-reads only the offsets it does not expose."""
+
+    def __init__(self, path: Path):
+        import mmap
+        import struct
+
+        with open(path, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            self.header = json.loads(f.read(n))
+            self.base = 8 + n
+            self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if path.stat().st_size else None
+
+    def view(self, name: str) -> Optional[torch.Tensor]:
+        """The tensor, or None when this reader does not map it (an unknown dtype: safe_open reads it)."""
+        meta = self.header.get(name)
+        dtype = _SAFETENSORS_DTYPES.get(meta["dtype"]) if meta else None
+        if dtype is None or self.mm is None:
+            return None
+        start, end = meta["data_offsets"]
+        shape = tuple(meta["shape"])
+        if end - start != dtype.itemsize * int(torch.Size(shape).numel()) or self.base + end > len(self.mm):
+            return None
+        if end == start:
+            return torch.empty(shape, dtype=dtype)
+        flat = torch.frombuffer(self.mm, dtype=torch.uint8, count=end - start, offset=self.base + start)
+        return flat.view(dtype).reshape(shape)
+
+
 class HFReader:
-    """Lazy access to the tensors of an HF directory (single file or sharded with an index)."""
+    """Lazy access to the tensors of an HF directory (single file or sharded with an index). Tensors are views
+    of the memory-mapped files (read as they are used, never copied here)."""
 
     def __init__(self, hf_dir):
         from safetensors import safe_open
@@ -215,6 +253,7 @@ class HFReader:
             self._handles[f] = h
             for k in h.keys():
                 self.where[k] = f
+        self._maps: Dict[str, _MappedSafetensors] = {}
 
     def keys(self):
         return self.where.keys()
@@ -246,8 +285,12 @@ class HFReader:
     def get(self, name: str) -> torch.Tensor:
         if name not in self.where:
             raise ConversionError(f"{self.dir}: tensor '{name}' is missing")
+        f = self.where[name]
         try:
-            return self._handles[self.where[name]].get_tensor(name)
+            if f not in self._maps:
+                self._maps[f] = _MappedSafetensors(self.dir / f)
+            t = self._maps[f].view(name)
+            return t if t is not None else self._handles[f].get_tensor(name)
         except Exception as e:
             raise ConversionError(f"{self.dir / self.where[name]}: cannot read tensor '{name}' ({e})") from None
 

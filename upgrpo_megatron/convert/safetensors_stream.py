@@ -10,15 +10,90 @@ little-endian header length, JSON header padded to 8 bytes, raw little-endian da
 from __future__ import annotations
 
 import json
+import queue
 import struct
+import threading
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from upgrpo_megatron.errors import UpgrpoError
 
 _DTYPE_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}
+
+
+class BackgroundWriter:
+    """Writes (and optionally hashes) buffers in a background thread, in the order they are submitted.
+
+    File writes and hashlib both release the GIL on large buffers, so the caller reads and converts the next
+    tensors while the previous ones go to disk. Buffers are handed over in batches of about `batch_bytes`:
+    every hand-over between the threads can cost a GIL switch interval (5 ms) on a busy machine, so a few
+    dozen of them are cheap and thousands (one per tensor) are not. At most ~`max_pending` bytes wait. A
+    submitted buffer must not change afterwards (its tensor is not modified once handed over); an error in
+    the thread is raised by the next `submit` or by `close`."""
+
+    def __init__(self, batch_bytes: int = 16 * 1024**2, max_pending: int = 64 * 1024**2):
+        self._queue: "queue.Queue" = queue.Queue(maxsize=max(1, max_pending // batch_bytes))
+        self._batch: list = []
+        self._batch_size = 0
+        self._batch_bytes = batch_bytes
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._drain, name="tensor-writer", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        while True:
+            batch = self._queue.get()
+            if batch is None:
+                return
+            try:
+                for f, offset, bufs, update in batch:
+                    if self._error is not None:
+                        break
+                    if offset is not None:
+                        f.seek(offset)
+                    for buf in bufs() if callable(bufs) else (bufs,):
+                        if update is not None:
+                            update(buf)
+                        f.write(buf)
+            except BaseException as e:
+                self._error = e
+
+    def submit(self, f, buf, offset: Optional[int] = None, update: Optional[Callable] = None,
+               nbytes: Optional[int] = None) -> int:
+        """Queue `buf` for `f` (at `offset`, else after the previous write); `update(buf)` (a hash) first.
+        `buf` may be a function returning the buffers to write, called in the thread (work such as checksums
+        then runs there too); `nbytes` is then their total size."""
+        if self._error is not None:
+            raise self._error
+        n = nbytes if callable(buf) else memoryview(buf).nbytes
+        self._batch.append((f, offset, buf, update))
+        self._batch_size += n
+        if self._batch_size >= self._batch_bytes:
+            self._hand_over()
+        return n
+
+    def _hand_over(self) -> None:
+        if self._batch:
+            self._queue.put(self._batch)  # blocks while `max_pending` bytes wait
+            self._batch, self._batch_size = [], 0
+
+    def close(self) -> None:
+        """Write what is left, wait until everything is written; raise the first error."""
+        if self._thread.is_alive():
+            self._hand_over()
+            self._queue.put(None)
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def abort(self) -> None:
+        self._error = self._error or RuntimeError("aborted")
+        self._batch = []
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
 
 
 class StreamedShardsError(UpgrpoError, ValueError):
@@ -66,6 +141,7 @@ class StreamedSafetensors:
         self.files = []
         self.paths = []
         self.pending = set()
+        self.writer = BackgroundWriter()
         for fi, (fname, tensors) in enumerate(shards):
             header = {"__metadata__": {"format": "pt"}}
             off = 0
@@ -96,21 +172,24 @@ class StreamedSafetensors:
         if tuple(tensor.shape) != shape:
             raise StreamedShardsError(f"tensor '{name}' has shape {list(tensor.shape)}, expected {list(shape)}")
         t = tensor.detach().to("cpu", self.dtype).contiguous()
-        f = self.files[fi]
-        f.seek(off)
-        f.write(t.view(torch.uint8).numpy().data if t.numel() else b"")
+        if t.numel():
+            self.writer.submit(self.files[fi], t.reshape(-1).view(torch.uint8).numpy().data, offset=off)
         self.pending.discard(name)
 
     def close(self) -> None:
         """Close the files; every planned tensor must have been written."""
-        for f in self.files:
-            f.close()
+        try:
+            self.writer.close()
+        finally:
+            for f in self.files:
+                f.close()
         if self.pending:
             missing = sorted(self.pending)
             raise StreamedShardsError(f"tensor '{missing[0]}' was never produced"
                                       + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
 
     def abort(self) -> None:
+        self.writer.abort()
         for f in self.files:
             if not f.closed:
                 f.close()

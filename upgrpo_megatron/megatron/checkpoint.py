@@ -48,11 +48,15 @@ def _barrier():
         dist.barrier()
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path) -> str:
+    """The file's sha256 (hashed straight from a memory map: no copies, and the GIL is released meanwhile)."""
+    import mmap
+
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+        if os.fstat(f.fileno()).st_size:
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                h.update(mm)
     return h.hexdigest()
 
 
@@ -80,13 +84,7 @@ def save_checkpoint(path, module, *, optimizer=None, extra_state: Optional[dict]
             checkpoint was converted from), covered by the COMPLETE checksums like everything else.
     """
     path = Path(path)
-    tmp = path.parent / f".{path.name}.tmp"
-    if _rank() == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        (tmp / "optim" / "distributed").mkdir(parents=True)
-        (tmp / "model").mkdir()
+    tmp = begin_checkpoint(path) if _rank() == 0 else path.parent / f".{path.name}.tmp"
     _barrier()
     dist_checkpointing.save(module.sharded_state_dict(), str(tmp / "model"))
     if optimizer is not None:
@@ -101,35 +99,67 @@ def save_checkpoint(path, module, *, optimizer=None, extra_state: Optional[dict]
 
     faults.maybe_kill_in_checkpoint((extra_state or {}).get("step"))
     if _rank() == 0:
-        torch.save(extra_state or {}, tmp / "extra.pt")
-        for name, src in (extra_files or {}).items():
-            shutil.copyfile(src, tmp / name)
-        meta = {"format_version": FORMAT_VERSION, "format": "megatron-core dist_checkpointing (torch_dist)",
-                "step": (extra_state or {}).get("step"),
-                "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-                "tp": ps.get_tensor_model_parallel_world_size(), "ep": ps.get_expert_model_parallel_world_size(),
-                "etp": ps.get_expert_tensor_parallel_world_size(),
-                "architecture": _model_cfg_dict(model_cfg).get("architecture") if model_cfg is not None else None}
-        (tmp / "metadata.json").write_text(json.dumps(meta, indent=2))
-        if model_cfg is not None:
-            (tmp / "model_config.yaml").write_text(yaml.safe_dump(_model_cfg_dict(model_cfg), sort_keys=False))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp / "tokenizer"))
-        files = sorted(p for p in tmp.rglob("*") if p.is_file())
-        sums = {str(p.relative_to(tmp)): _sha256(p) for p in files}
-        (tmp / "COMPLETE").write_text(json.dumps(sums, indent=1))
-        _fsync_dir(tmp)
-        old = None
-        if path.exists():  # re-saving a step: move the old copy aside first, so a crash never leaves neither
-            old = path.parent / f".{path.name}.old"
-            if old.exists():
-                shutil.rmtree(old)
-            os.rename(path, old)
-        os.rename(tmp, path)
-        _fsync_dir(path.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        layout = {"world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                  "tp": ps.get_tensor_model_parallel_world_size(), "ep": ps.get_expert_model_parallel_world_size(),
+                  "etp": ps.get_expert_tensor_parallel_world_size()}
+        finish_checkpoint(tmp, path, layout=layout, extra_state=extra_state, model_cfg=model_cfg,
+                          tokenizer=tokenizer, extra_files=extra_files)
     _barrier()
+    return path
+
+
+def begin_checkpoint(path) -> Path:
+    """(One process) a fresh `.NAME.tmp/` beside `path` with empty `model/` and `optim/`: where a checkpoint
+    is written before `finish_checkpoint` moves it into place."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    (tmp / "optim" / "distributed").mkdir(parents=True)  # distributed/: the distributed optimizer's slices
+    (tmp / "model").mkdir()
+    return tmp
+
+
+def finish_checkpoint(tmp, path, *, layout: dict, extra_state: Optional[dict] = None, model_cfg=None,
+                      tokenizer=None, extra_files: Optional[dict] = None,
+                      known_sums: Optional[dict] = None) -> Path:
+    """(One process, after the model and optimizer files are in `tmp`) write extra.pt, metadata.json,
+    model_config.yaml, the tokenizer and `extra_files`, then COMPLETE with the sha256 of every file, and
+    rename `tmp` into place (a previous copy of `path` is moved aside first, so a crash never leaves neither).
+
+    `layout`: world_size, tp, ep, etp the model was saved at. `known_sums`: {relative path: sha256} of files
+    whose digest the writer computed while writing them (they are not read again)."""
+    tmp, path = Path(tmp), Path(path)
+    torch.save(extra_state or {}, tmp / "extra.pt")
+    for name, src in (extra_files or {}).items():
+        shutil.copyfile(src, tmp / name)
+    meta = {"format_version": FORMAT_VERSION, "format": "megatron-core dist_checkpointing (torch_dist)",
+            "step": (extra_state or {}).get("step"), **{k: layout[k] for k in ("world_size", "tp", "ep", "etp")},
+            "architecture": _model_cfg_dict(model_cfg).get("architecture") if model_cfg is not None else None}
+    (tmp / "metadata.json").write_text(json.dumps(meta, indent=2))
+    if model_cfg is not None:
+        (tmp / "model_config.yaml").write_text(yaml.safe_dump(_model_cfg_dict(model_cfg), sort_keys=False))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp / "tokenizer"))
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    known = known_sums or {}
+    sums = {}
+    for p in files:
+        rel = str(p.relative_to(tmp))
+        sums[rel] = known.get(rel) or sha256_file(p)
+    (tmp / "COMPLETE").write_text(json.dumps(sums, indent=1))
+    _fsync_dir(tmp)
+    old = None
+    if path.exists():  # re-saving a step: move the old copy aside first, so a crash never leaves neither
+        old = path.parent / f".{path.name}.old"
+        if old.exists():
+            shutil.rmtree(old)
+        os.rename(path, old)
+    os.rename(tmp, path)
+    _fsync_dir(path.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return path
 
 
@@ -147,7 +177,7 @@ def verify_checkpoint(path) -> Optional[str]:
         f = path / rel
         if not f.exists():
             return f"{rel} is missing"
-        if _sha256(f) != digest:
+        if sha256_file(f) != digest:
             return f"{rel} does not match its checksum"
     return None
 

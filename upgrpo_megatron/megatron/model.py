@@ -8,7 +8,8 @@ with a sigmoid gate.
 
 The layer spec is chosen once: Transformer Engine's when TE and CUDA are present, otherwise megatron-core's
 local spec with `SequenceParallelRMSNorm` in every norm slot, so that TP > 1 (which MoE requires to run with
-sequence parallelism) works on CPU/gloo. Everything else is identical between the two.
+sequence parallelism) works on CPU/gloo, and grouped-GEMM experts (`experts.py`) in place of the per-expert
+loop. Everything else is identical between the two.
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ from upgrpo_megatron.megatron import compat
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer import TransformerConfig
-from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.dot_product_attention import DotProductAttention
-from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.enums import AttnBackend, AttnMaskType
+from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.spec_utils import ModuleSpec
+
+from upgrpo_megatron.megatron.experts import GroupedSequentialMLP
 
 
 class SequenceParallelRMSNorm(torch.nn.Module):
@@ -247,6 +250,9 @@ def _local_block_spec(config: TransformerConfig):
         if config.qk_layernorm:
             attn.q_layernorm = norm
             attn.k_layernorm = norm
+        experts = getattr(sub.mlp.submodules, "experts", None)
+        if experts is not None and experts.module is SequentialMLP:  # the per-expert loop -> grouped GEMMs
+            experts.module = GroupedSequentialMLP
     spec.layer_norm = norm
     return spec
 
