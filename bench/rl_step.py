@@ -64,13 +64,19 @@ class Ours:
             "algorithm.dynamic_sampling=false", "trainer.eval_every=0", "trainer.save_every=1000000",
             "trainer.tensorboard=false", "trainer.report=false", "trainer.export_hf=false",
             f"trainer.total_steps={total}", f"actor.lr={LR}", f"trainer.seed={SEED}",
+            "algorithm.log_kl_to_ref=false",  # TRL's default (beta = 0) has no reference model either
         ])
         self.tr = tr = Trainer(cfg)
-        tr.sft_warmup()
+        from upgrpo_megatron.convert import save_hf_checkpoint
+        from upgrpo_megatron.sft import sft_warmup
+
+        tr.sft_done = sft_warmup(cfg, tr.actor, tr.task, tr.dp, log=None, stop_requested=lambda: False,
+                                 show_progress=False)
         t0 = time.perf_counter()
-        tr._start_engine()
+        tr.start_rollout()
         self.engine_start_s = time.perf_counter() - t0
-        self.hf_dir = run_dir / "engine_init"
+        self.hf_dir = run_dir / "hf_after_sft"  # TRL starts from the same weights
+        save_hf_checkpoint(cfg.model, tr.weights(), self.hf_dir, tokenizer=tr.tokenizer)
         # the routing-drift part of the diagnostics runs inside the update (a callback per micro-batch, then one
         # reduction): time it where it runs, so its share comes from the same step as the step's wall time
         self.drift_s = 0.0
@@ -114,7 +120,7 @@ class Ours:
         print(f"[rl_step] profile of one step written to {path}", flush=True)
 
     def close(self) -> None:
-        self.tr.engine.shutdown()
+        self.tr.rollout.shutdown()
         self.tr.cfg.diagnostics.enabled = True
 
 
