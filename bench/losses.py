@@ -1,6 +1,6 @@
 """UP-GRPO policy loss, forward + backward: ours (`compute_policy_loss(loss_mode="up_grpo")`) vs the UP-GRPO
 post's literal form (three products, a max, a min and two wheres, no clamp of the log-ratio:
-`literal_up_grpo_loss` in tests/unit/loss_equations.py).
+`literal_up_grpo_loss` in tests/unit/losses/loss_equations.py).
 
 Both get the same inputs ([batch, response_len] old/new log-probs, per-sequence advantages of both signs, a ragged
 response mask in the inputs' dtype) and do the same work a trainer does per micro-batch: the loss, its backward to
@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from bench.common import MIN_PAIRS, Pairs, interleave, record  # noqa: E402
-from tests.unit.loss_equations import literal_up_grpo_loss  # noqa: E402
+from tests.unit.losses.loss_equations import literal_up_grpo_loss  # noqa: E402
 from upgrpo_megatron.losses import compute_policy_loss  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

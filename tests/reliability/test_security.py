@@ -1,5 +1,5 @@
 """Security: weights come only from safetensors or weights_only torch files; nothing from a recipe, a dataset
-or a checkpoint can execute code; the HTML report escapes run text (tests/unit/test_report.py checks that in
+or a checkpoint can execute code; the HTML report escapes run text (tests/unit/diagnostics/test_report.py checks that in
 a real browser too)."""
 import os
 import pickle

@@ -192,6 +192,13 @@ class MegatronActor:
         return bad.item() == 0
 
     def _grads_finite(self) -> bool:
+        """All reduced gradients finite: one check per DDP gradient buffer (every `main_grad` is a view into
+        one), a check per parameter only for parameters outside them."""
+        buffers = [b.grad_data for b in getattr(self.model, "buffers", []) + getattr(self.model,
+                                                                                     "expert_parallel_buffers", [])
+                   if getattr(b, "grad_data", None) is not None]
+        if buffers:
+            return all(bool(torch.isfinite(g).all()) for g in buffers)
         return all(bool(torch.isfinite(g).all()) for g in (grad_of(p) for p in self.model.parameters())
                    if g is not None)
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from tests.unit.test_config import RECIPE
+from tests.unit.config.test_config import RECIPE
 from upgrpo_megatron.config import load_recipe
 from upgrpo_megatron.data import DatasetError, PromptDataset, PromptItem, build_task, get_reward
 from upgrpo_megatron.data.arithmetic import num_problems, split_problems, verify

@@ -11,7 +11,7 @@ import pytest
 from upgrpo_megatron.diagnostics.compare import compare
 from upgrpo_megatron.diagnostics.run_files import ReportError
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 # val/acc per step 0, 2, 4 for each seed; KL and entropy at steps 1..4
 RUNS = {
     "up_s1": ("up_grpo", [0.30, 0.50, 0.46], 0.0010, 1.20),   # peak 0.50 at step 2

@@ -1,11 +1,11 @@
-"""Train-inference correction arms against oracles written from their definitions (tests/unit/loss_equations.py):
+"""Train-inference correction arms against oracles written from their definitions (tests/unit/losses/loss_equations.py):
 weights, masked-fraction metrics, the dispatcher, and the weights inside compute_policy_loss."""
 import math
 
 import pytest
 import torch
 
-from tests.unit import loss_equations as eq
+from tests.unit.losses import loss_equations as eq
 from upgrpo_megatron.losses import (
     CORRECTIONS,
     apply_correction,

@@ -7,7 +7,7 @@ from upgrpo_megatron.config import ConfigError, load_recipe, validate_layout
 from upgrpo_megatron.rollout.placement import EnginePlacement
 from upgrpo_megatron.sizing import dry_run, estimate_memory
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_cpu_engines_one_per_tp_group_driven_by_its_first_rank():

@@ -1,4 +1,4 @@
-"""Every loss mode against an oracle written from its equation (tests/unit/loss_equations.py): values, gradients
+"""Every loss mode against an oracle written from its equation (tests/unit/losses/loss_equations.py): values, gradients
 (autograd on float64 leaves) and metrics; the new modes' gradient identities; per-token weights; the registry."""
 import math
 
@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.unit import loss_equations as eq
+from tests.unit.losses import loss_equations as eq
 from upgrpo_megatron.losses import AGG_MODES, POLICY_LOSSES, agg_loss, compute_policy_loss, register_policy_loss
 
 CLIP = dict(clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0)

@@ -21,7 +21,7 @@ from upgrpo_megatron.diagnostics.step import step_diagnostics, update_diagnostic
 from upgrpo_megatron.diagnostics.storage import DiagnosticsWriter, append_samples
 from upgrpo_megatron.diagnostics.synthetic import make_synthetic_run, random_routing
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 EVIL = [{"prompt": "<script>alert('pwned')</script> 2+2=", "response": "4 </pre><b>bold?</b>", "reward": 1.0}]
 # the trainer logs several responses of one prompt per step
 REPEATED = [{"prompt": p, "response": r, "reward": w} for p, r, w in

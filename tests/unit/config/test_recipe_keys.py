@@ -5,7 +5,7 @@ from pathlib import Path
 
 from upgrpo_megatron.config import RecipeConfig
 
-PKG = Path(__file__).resolve().parents[2] / "upgrpo_megatron"
+PKG = Path(__file__).resolve().parents[3] / "upgrpo_megatron"
 # keys kept in the schema only to be refused with a message (a recipe from another framework may set them)
 REFUSED = {"trainer.wandb"}
 

@@ -14,7 +14,7 @@ from upgrpo_megatron.config import (
 )
 from upgrpo_megatron.sizing import count_parameters, estimate_memory, format_layout_and_memory
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 RECIPE = ROOT / "recipes" / "qwen_moe.yaml"
 RECIPE_30B = ROOT / "recipes" / "qwen3_30b_a3b_dapo_math.yaml"
 

@@ -288,7 +288,7 @@ def test_standalone_export_writes_the_trainers_token_ids_and_generate_stops_at_e
 
     from upgrpo_megatron.data.tokenizer import build_char_tokenizer
 
-    _tool("-c", f"from tests.unit.test_convert_tools import write_training_checkpoint_and_trainer_export as w; "
+    _tool("-c", f"from tests.unit.convert.test_convert_tools import write_training_checkpoint_and_trainer_export as w; "
                 f"w({str(tmp_path)!r})")
     out = tmp_path / "standalone_hf"
     _tool("tools/convert_megatron_to_hf.py", "--checkpoint", str(tmp_path / "run" / "checkpoints"), "--out", str(out))
