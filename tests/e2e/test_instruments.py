@@ -33,7 +33,7 @@ def train(run_dir, *overrides):
 @pytest.fixture(scope="module")
 def run_a(tmp_path_factory):
     d = tmp_path_factory.mktemp("instruments") / "a"
-    m = train(d, "rollout.temperature=0.7", "actor.lr_warmup_steps=2", "algorithm.kl_loss_coef=0.05",
+    m = train(d, "rollout.router_noise=0.0", "rollout.temperature=0.7", "actor.lr_warmup_steps=2", "algorithm.kl_loss_coef=0.05",
               "trainer.total_steps=2", "trainer.save_every=1", "trainer.keep_checkpoints=3")
     return d, m
 
@@ -41,7 +41,10 @@ def run_a(tmp_path_factory):
 def _weights(ckpt):
     from upgrpo_megatron.convert.megatron_io import MegatronCheckpointReader
 
-    return dict(MegatronCheckpointReader(ckpt).iter_canonical())
+    import torch
+
+    # the reader gives a SwiGLU linear_fc1 as its [gate, up] row blocks: join them into one tensor
+    return {k: torch.cat(v) if isinstance(v, list) else v for k, v in MegatronCheckpointReader(ckpt).iter_canonical()}
 
 
 def test_the_first_rl_update_trains_at_the_warm_up_rate_and_changes_the_weights(run_a):

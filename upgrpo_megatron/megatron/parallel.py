@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 from dataclasses import dataclass
 
 import torch
@@ -30,28 +29,27 @@ class ParallelSizes:
     sequence_parallel: bool = False
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> tuple[int, int]:
     """Initialise the default process group once; returns (rank, world_size)."""
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     if backend == "auto":
         backend = compat.default_backend()
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    store = None
     if "RANK" not in os.environ:  # a plain `python` process: a world of one
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        if "MASTER_PORT" not in os.environ:
+            # the store binds port 0 itself: picking a free port and binding it later races with any other process
+            # that starts meanwhile (an engine, a benchmark's other framework: EADDRINUSE seen in CI)
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], 0, 1, is_master=True, timeout=timeout)
+            os.environ["MASTER_PORT"] = str(store.port)
         os.environ["RANK"] = "0"
         os.environ["WORLD_SIZE"] = "1"
         os.environ.setdefault("LOCAL_RANK", "0")
     if compat.cuda_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    timeout = datetime.timedelta(minutes=timeout_minutes)
-    store = _store_of_this_attempt(timeout)
+    store = store or _store_of_this_attempt(timeout)
     if store is None:
         dist.init_process_group(backend=backend, timeout=timeout)
     else:
