@@ -30,8 +30,12 @@ setup(
         "gpu": ["vllm>=0.11", "transformer-engine[pytorch]>=2.0"],
         "math": ["math-verify>=0.7", "pyarrow>=15"],  # verl-layout datasets and their grader
         # trl: the alternative bench/rl_step.py measures against (installs without moving torch/transformers/vllm)
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "trl==1.16.0", "ruff==0.17.6", "pre-commit>=4"],
+        "dev": [
+            "pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "trl==1.16.0", "ruff==0.17.6", "pre-commit>=4",
+        ],
     },
     # vLLM loads general plugins in each of its processes: ours keeps CPU weights syncable (see the module)
-    entry_points={"vllm.general_plugins": ["upgrpo_syncable_cpu_linear = upgrpo_megatron.rollout.vllm_plugin:register"]},
+    entry_points={
+        "vllm.general_plugins": ["upgrpo_syncable_cpu_linear = upgrpo_megatron.rollout.vllm_plugin:register"],
+    },
 )

@@ -109,7 +109,8 @@ class Ours:
 
     def profile(self, path) -> None:
         """One more step under torch.profiler (the trainer's process; the engine runs in its own)."""
-        from torch.profiler import ProfilerActivity, profile as torch_profile
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
 
         self.tr.cfg.diagnostics.enabled = True
         self.tr.step += 1

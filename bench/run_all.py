@@ -3,6 +3,7 @@
     python bench/run_all.py            # all measures at their documented sizes (`make bench`)
     python bench/run_all.py --tiny     # seconds-long smoke versions, into a temporary results file
     python bench/run_all.py --table    # only re-render the table from results.json
+    python bench/run_all.py --only losses.py convert.py   # some of them (the table keeps the others' entries)
 
 The table goes to bench/results.md and into README.md between the bench-table markers. `BENCH_RESULTS`
 names another results file (the smoke tests use one so that bench/results.json is never overwritten).
@@ -22,7 +23,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 README = HERE.parent / "README.md"
 MARKERS = ("<!-- bench-table:start (rendered by bench/run_all.py --table) -->", "<!-- bench-table:end -->")
-SCRIPTS = ["losses.py", "actor_step.py", "rollout.py", "convert.py", "diagnostics.py", "rl_step.py", "scaling.py"]
+SCRIPTS = ["losses.py", "actor_step.py", "rollout.py", "convert.py", "diagnostics.py", "rl_step.py", "scaling.py",
+           "sync.py"]
 
 
 def ratio_cell(e: dict) -> str:
@@ -76,7 +78,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--table", action="store_true")
+    ap.add_argument("--only", nargs="+", metavar="SCRIPT", help="run these scripts only (e.g. losses.py sync.py)")
     a = ap.parse_args(argv)
+    unknown = sorted(set(a.only or []) - set(SCRIPTS))
+    if unknown:
+        ap.error(f"--only: unknown script(s) {', '.join(unknown)}; the benchmarks are {', '.join(SCRIPTS)}")
     failed = []
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if a.tiny and "BENCH_RESULTS" not in env:  # smoke sizes never land in the committed results
@@ -84,7 +90,7 @@ def main(argv=None) -> int:
     results = Path(env.get("BENCH_RESULTS", HERE / "results.json"))
     t_all = time.time()
     if not a.table:
-        for s in SCRIPTS:
+        for s in a.only or SCRIPTS:
             path = HERE / s
             if not path.exists():
                 print(f"[bench] {s}: missing", flush=True)

@@ -33,7 +33,6 @@ def main(argv=None) -> int:
     try:
         from upgrpo_megatron.calibrate import calibrate, format_table
         from upgrpo_megatron.config import ConfigError, load_recipe
-
         from upgrpo_megatron.paths import require_output_dir
 
         if any(s < 0 for s in a.sigmas):

@@ -68,7 +68,8 @@ def seed_everything(seed: int) -> None:
 def rng_state() -> dict:
     """RNG states as tensors and plain numbers only, so checkpoints load with weights_only=True."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": random.getstate(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+    return {"python": random.getstate(),
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
             "torch": torch.get_rng_state()}
 
 

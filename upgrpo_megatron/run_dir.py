@@ -138,9 +138,7 @@ class RunDir:
         """Keep exactly what the resumed checkpoint covers: steps <= its step, or nothing without one (a run
         killed before its first checkpoint starts over), so no step is ever duplicated or missing."""
         from upgrpo_megatron.diagnostics.storage import truncate_run_files
-        from upgrpo_megatron.metrics import truncate_jsonl
-
-        from upgrpo_megatron.metrics import rebuild_tensorboard
+        from upgrpo_megatron.metrics import rebuild_tensorboard, truncate_jsonl
 
         if truncate_jsonl(self.path / "metrics.jsonl", keep_through):
             rebuild_tensorboard(self.path)

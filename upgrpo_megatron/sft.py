@@ -46,7 +46,7 @@ def sft_warmup(cfg, actor, task, dp: DataParallel, *, log: Optional[Callable[[in
         batch = sft_batch(rows, task.tokenizer)
         total = global_sum(batch["response_mask"].sum(), dp.group)
 
-        def loss_fn(mb, lp, ent):
+        def loss_fn(mb, lp, ent, total=total):
             loss = -(lp * mb["response_mask"]).sum() / total
             return loss, {"sft/loss": loss.item() * total / mb["response_mask"].sum().clamp(min=1).item()}
 

@@ -42,7 +42,7 @@ def final_summary(run_dir: Path, records: List[dict], *, loss_mode: str, steps: 
     lines = [f"done in {minutes:.1f} min: {steps} RL steps of {loss_mode}, run dir {run_dir}"]
     vals = [(r["step"], r["val/acc"]) for r in records if isinstance(r.get("val/acc"), (int, float))]
     if vals:
-        (s0, v0), (s1, v1) = vals[0], vals[-1]
+        (_, v0), (_, v1) = vals[0], vals[-1]
         peak_step, peak = max(vals, key=lambda x: x[1])
         noise = binomial_std(v0, num_val)
         lines.append(f"  val/acc {v0:.3f} after SFT warm-up -> {v1:.3f} after {steps} RL steps (peak {peak:.3f} at "

@@ -16,6 +16,7 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
+from upgrpo_megatron import console
 from upgrpo_megatron.distributed import (
     all_reduce_max,
     barrier,
@@ -25,14 +26,18 @@ from upgrpo_megatron.distributed import (
     set_rng_state,
     timer,
 )
-from upgrpo_megatron import console
 from upgrpo_megatron.errors import TrainingStopped
 
 
 class Trainer:
     def __init__(self, cfg):
         from upgrpo_megatron.config import validate_layout
-        from upgrpo_megatron.megatron.parallel import ParallelSizes, data_parallel, init_distributed, init_model_parallel
+        from upgrpo_megatron.megatron.parallel import (
+            ParallelSizes,
+            data_parallel,
+            init_distributed,
+            init_model_parallel,
+        )
         from upgrpo_megatron.run_dir import RunDir
 
         self.cfg = cfg
@@ -286,7 +291,6 @@ class Trainer:
             self.metrics.log(step, m)
 
     def fit(self):
-        t = self.cfg.trainer
         prev = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         t_start = time.time()
         try:
@@ -321,7 +325,6 @@ class Trainer:
     def _loop(self) -> bool:
         """The RL steps; False when a signal stopped them (the state is saved), True when all ran."""
         from upgrpo_megatron.progress import progress
-
         from upgrpo_megatron.summary import eval_line, progress_fields
 
         t = self.cfg.trainer

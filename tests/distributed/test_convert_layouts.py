@@ -54,14 +54,18 @@ def test_logits_of_hf_weights_in_megatron_match_transformers(models, layout, tor
     got = torch.load(out, weights_only=True)
     for arch in ARCHS:
         print(f"{layout} {arch}: max |logits - transformers| = {_max_diff(got[dirs[arch]], ref[arch]):.3g}")
-        torch.testing.assert_close(got[dirs[arch]], ref[arch], atol=ATOL, rtol=RTOL, msg=lambda m: f"{arch}: {m}")
+        torch.testing.assert_close(got[dirs[arch]], ref[arch], atol=ATOL, rtol=RTOL,
+                                   msg=lambda m, arch=arch: f"{arch}: {m}")
 
 
 def _tensors(hf_dir):
     from safetensors import safe_open
 
     index = Path(hf_dir) / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
     out = {}
     for f in files:
         with safe_open(str(Path(hf_dir) / f), "pt") as h:
@@ -102,7 +106,8 @@ def test_tp2_ep2_training_checkpoint_exports_in_one_process_and_reloads_at_tp1(m
         r = got[str(ckpts / arch)]
         assert r["extra"]["step"] == 3
         print(f"tp2xep2 -> tp1 {arch}: max |logits - transformers| = {_max_diff(r['logits'], ref[arch]):.3g}")
-        torch.testing.assert_close(r["logits"], ref[arch], atol=ATOL, rtol=RTOL, msg=lambda m: f"{arch}: {m}")
+        torch.testing.assert_close(r["logits"], ref[arch], atol=ATOL, rtol=RTOL,
+                                   msg=lambda m, arch=arch: f"{arch}: {m}")
 
 
 def test_converted_checkpoint_loads_at_tp2_ep2_with_transformers_logits(models, torchrun):
@@ -119,4 +124,5 @@ def test_converted_checkpoint_loads_at_tp2_ep2_with_transformers_logits(models, 
     for arch in ARCHS:
         r = got[str(ckpts[arch])]
         print(f"converted -> tp2xep2 {arch}: max |logits - transformers| = {_max_diff(r['logits'], ref[arch]):.3g}")
-        torch.testing.assert_close(r["logits"], ref[arch], atol=ATOL, rtol=RTOL, msg=lambda m: f"{arch}: {m}")
+        torch.testing.assert_close(r["logits"], ref[arch], atol=ATOL, rtol=RTOL,
+                                   msg=lambda m, arch=arch: f"{arch}: {m}")

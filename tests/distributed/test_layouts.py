@@ -33,12 +33,14 @@ def reference(tmp_path_factory):
     ids = torch.randint(0, MODEL_CFG["vocab_size"], (2, 16), generator=g)
     torch.save(ids, d / "ids.pt")
     init = d / "init.pt"
-    run_torchrun(Path(__file__).with_name("worker_init_weights.py"), 1, ["--cfg", str(d / "empty.pt"), "--out", str(init)])
+    run_torchrun(Path(__file__).with_name("worker_init_weights.py"), 1,
+                 ["--cfg", str(d / "empty.pt"), "--out", str(init)])
     blob = torch.load(init, weights_only=True)
-    for k, v in blob["state_dict"].items():
+    for _k, v in blob["state_dict"].items():
         v.add_(0.05 * torch.randn(v.shape, generator=g))
     torch.save(blob, d / "weights.pt")
-    run_torchrun(WORKER, 1, ["--weights", str(d / "weights.pt"), "--inputs", str(d / "ids.pt"), "--out", str(d / "ref.pt")])
+    run_torchrun(WORKER, 1, ["--weights", str(d / "weights.pt"), "--inputs", str(d / "ids.pt"),
+                             "--out", str(d / "ref.pt")])
     return d, torch.load(d / "ref.pt", weights_only=True)
 
 
@@ -62,4 +64,5 @@ def test_layout_matches_tp1(reference, name, torchrun):
     torch.testing.assert_close(got["entropy"], ref["entropy"], rtol=1e-5, atol=1e-5)
     assert set(got["grads"]) == set(ref["grads"])
     for k in ref["grads"]:
-        torch.testing.assert_close(got["grads"][k], ref["grads"][k], rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(got["grads"][k], ref["grads"][k], rtol=1e-4, atol=1e-6,
+                                   msg=lambda m, k=k: f"{k}: {m}")

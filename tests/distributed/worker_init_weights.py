@@ -3,8 +3,8 @@ import argparse
 
 import torch
 
-from upgrpo_megatron.megatron.parallel import ParallelSizes, init_model_parallel
 from upgrpo_megatron.megatron.model import build_gpt_model
+from upgrpo_megatron.megatron.parallel import ParallelSizes, init_model_parallel
 from upgrpo_megatron.megatron.sharding import full_state_dict
 
 ap = argparse.ArgumentParser()

@@ -6,12 +6,12 @@ Rank 0 writes {"log_prob", "entropy", "grads": {canonical name: full grad}} to -
 import argparse
 
 import torch
-
-from upgrpo_megatron.megatron.parallel import ParallelSizes, init_model_parallel
-from upgrpo_megatron.megatron.model import build_gpt_model
-from upgrpo_megatron.megatron.logprobs import sequence_log_probs
-from upgrpo_megatron.megatron.sharding import iter_full_grads, load_full_state_dict
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+
+from upgrpo_megatron.megatron.logprobs import sequence_log_probs
+from upgrpo_megatron.megatron.model import build_gpt_model
+from upgrpo_megatron.megatron.parallel import ParallelSizes, init_model_parallel
+from upgrpo_megatron.megatron.sharding import iter_full_grads, load_full_state_dict
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--tp", type=int, default=1)

@@ -53,7 +53,9 @@ res = {
     "own_max_diff": float((replay_own["log_prob"] - base["log_prob"]).abs().max()),
     "swapped_max_diff": float((replay_swapped["log_prob"] - base["log_prob"]).abs().max()),
     "other_max_diff": float((replay_other["log_prob"] - base["log_prob"]).abs().max()),
-    "other_changed_frac": float((other[:, P : P + R].sort(-1).values != resp_own.sort(-1).values).any(-1).float().mean()),
+    "other_changed_frac": float(
+        (other[:, P : P + R].sort(-1).values != resp_own.sort(-1).values).any(-1).float().mean()
+    ),
     "router_params": len(before),
     "router_update": max(float((after[n] - before[n]).abs().max()) for n in before) if before else 0.0,
     "skipped": m.get("actor/skipped_step"),

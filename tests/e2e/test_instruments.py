@@ -14,7 +14,8 @@ import pytest
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 ROOT = Path(__file__).resolve().parents[2]
-SHORT = ["sft_warmup.steps=30", "data.arithmetic_max_operand=9", "data.num_val=40", "rollout.val_sample_n=0", "trainer.prompts_per_step=8", "actor.ppo_mini_batch_size=4", "rollout.n=4",
+SHORT = ["sft_warmup.steps=30", "data.arithmetic_max_operand=9", "data.num_val=40", "rollout.val_sample_n=0",
+         "trainer.prompts_per_step=8", "actor.ppo_mini_batch_size=4", "rollout.n=4",
          "trainer.eval_every=0", "trainer.report=false", "trainer.export_hf=false", "trainer.tensorboard=false"]
 LR = 3e-4
 
@@ -27,21 +28,23 @@ def train(run_dir, *overrides):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         pytest.fail(f"training failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return {r["step"]: r for r in map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines()) if "step" in r}
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r for r in map(json.loads, lines) if "step" in r}
 
 
 @pytest.fixture(scope="module")
 def run_a(tmp_path_factory):
     d = tmp_path_factory.mktemp("instruments") / "a"
-    m = train(d, "rollout.router_noise=0.0", "rollout.temperature=0.7", "actor.lr_warmup_steps=2", "algorithm.kl_loss_coef=0.05",
-              "trainer.total_steps=2", "trainer.save_every=1", "trainer.keep_checkpoints=3")
+    m = train(d, "rollout.router_noise=0.0", "rollout.temperature=0.7", "actor.lr_warmup_steps=2",
+              "algorithm.kl_loss_coef=0.05", "trainer.total_steps=2", "trainer.save_every=1",
+              "trainer.keep_checkpoints=3")
     return d, m
 
 
 def _weights(ckpt):
-    from upgrpo_megatron.convert.megatron_io import MegatronCheckpointReader
-
     import torch
+
+    from upgrpo_megatron.convert.megatron_io import MegatronCheckpointReader
 
     # the reader gives a SwiGLU linear_fc1 as its [gate, up] row blocks: join them into one tensor
     return {k: torch.cat(v) if isinstance(v, list) else v for k, v in MegatronCheckpointReader(ckpt).iter_canonical()}

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from upgrpo_megatron.rollout import RolloutBatch, RolloutError, RolloutSample, merge_rank_batches, pad_rollout_batch, shard_prompts
+from upgrpo_megatron.rollout import (
+    RolloutBatch,
+    RolloutError,
+    RolloutSample,
+    merge_rank_batches,
+    pad_rollout_batch,
+    shard_prompts,
+)
 from upgrpo_megatron.rollout.routing import native_response_routing, rows_per_sequence
 
 
@@ -48,7 +55,8 @@ def test_data_parallel_shards_merge_back_into_global_prompt_major_order():
         samples = [_sample(local, j, 1 + own[local], base=own[local]) for local in range(len(own)) for j in range(n)]
         per_rank.append(RolloutBatch(samples, weight_version=3, seconds=1.0 + r))
     merged = merge_rank_batches(per_rank, num_prompts)
-    assert [(s.prompt_index, s.sample_index) for s in merged.samples] == [(i, j) for i in range(num_prompts) for j in range(n)]
+    expected = [(i, j) for i in range(num_prompts) for j in range(n)]
+    assert [(s.prompt_index, s.sample_index) for s in merged.samples] == expected
     assert [len(s.response_ids) for s in merged.samples] == [1 + i for i in range(num_prompts) for _ in range(n)]
     assert merged.weight_version == 3 and merged.seconds == 2.0
 
@@ -109,7 +117,8 @@ def test_unsupported_cpu_head_dim_is_refused_before_the_engine_starts(tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("the head_dim restriction is the CPU attention backend's")
-    with pytest.raises(RolloutError, match=r"head_dim=16 is not supported by the CPU vLLM engine \(supported: .*64.*128"):
+    with pytest.raises(RolloutError,
+                       match=r"head_dim=16 is not supported by the CPU vLLM engine \(supported: .*64.*128"):
         RolloutEngine(_hf_config_dir(tmp_path))
 
 

@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("vllm")
 pytest.importorskip("transformers")
 
-from tests.e2e.test_rollout_engine import MAX_LEN, MAX_TOKENS, N, PROMPTS, STOP, build_tiny_model, compare  # noqa: E402
+from tests.e2e.test_rollout_engine import MAX_LEN, MAX_TOKENS, PROMPTS, STOP, N, build_tiny_model, compare  # noqa: E402
 from upgrpo_megatron.rollout import RolloutEngine  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]

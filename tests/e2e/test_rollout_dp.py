@@ -27,7 +27,8 @@ def test_data_parallel_engines_produce_the_single_engine_batch(tmp_path, torchru
     assert merged[0] == merged[1]  # every rank holds the same, whole batch
     single = json.loads((tmp_path / "single.json").read_text())
     assert [s["ids"] for s in merged[0]["samples"]] == [s["ids"] for s in single["samples"]]
-    assert [(s["prompt"], s["sample"]) for s in merged[0]["samples"]] == [(i, j) for i in range(len(PROMPTS)) for j in range(2)]
+    expected = [(i, j) for i in range(len(PROMPTS)) for j in range(2)]
+    assert [(s["prompt"], s["sample"]) for s in merged[0]["samples"]] == expected
     assert all(s["routing_shape"] == [len(s["ids"]), 2, 2] for s in merged[0]["samples"])
 
 

@@ -90,7 +90,8 @@ def rollout(engine):
 
 def test_engine_log_probs_match_transformers_fp32(tiny, rollout):
     mean, mx, _ = compare(tiny[1], PROMPTS, rollout)
-    print(f"\nfp32 engine vs transformers log-probs over {rollout.num_tokens()} tokens: mean |d| {mean:.2e}, max {mx:.2e}")
+    print(f"\nfp32 engine vs transformers log-probs over {rollout.num_tokens()} tokens: "
+          f"mean |d| {mean:.2e}, max {mx:.2e}")
     assert mx < FP32_LOGPROB_TOL
 
 
@@ -105,7 +106,8 @@ def test_rollout_routing_has_the_right_shape_and_matches_transformers_topk(tiny,
 
 
 def test_samples_are_prompt_major_and_a_stop_token_ends_its_response(rollout):
-    assert [(s.prompt_index, s.sample_index) for s in rollout.samples] == [(i, j) for i in range(len(PROMPTS)) for j in range(N)]
+    expected = [(i, j) for i in range(len(PROMPTS)) for j in range(N)]
+    assert [(s.prompt_index, s.sample_index) for s in rollout.samples] == expected
     for s in rollout.samples:
         assert 1 <= len(s.response_ids) <= MAX_TOKENS
         if s.finish_reason == "stop":
@@ -195,7 +197,8 @@ def test_update_weights_makes_the_engine_follow_the_new_weights(tiny, engine):
 
 def test_update_weights_refuses_unknown_names_and_incomplete_expert_layers(engine):
     version = engine.weight_version
-    with pytest.raises(RolloutError, match=r"tensor 'model.layers.0.mlp.nonsense.weight' is not in the engine's checkpoint"):
+    with pytest.raises(RolloutError,
+                       match=r"tensor 'model.layers.0.mlp.nonsense.weight' is not in the engine's checkpoint"):
         engine.update_weights([("model.layers.0.mlp.nonsense.weight", torch.zeros(3))], version=version + 1)
     with pytest.raises(RolloutError, match=r"'lm_head.weight' has shape \(3,\)"):
         engine.update_weights([("lm_head.weight", torch.zeros(3))], version=version + 1)

@@ -49,7 +49,8 @@ def main():
             mask[i, : len(s.response_ids)] = 1
             roll_lp[i, : len(s.response_ids)] = torch.tensor(s.log_probs)
             roll_r[i, : len(s.response_ids)] = torch.as_tensor(s.routing, dtype=torch.long)
-        batch = {"input_ids": pad_right(seqs, 0), "prompt_lens": torch.tensor([len(prompts[s.prompt_index]) for s in b.samples]),
+        batch = {"input_ids": pad_right(seqs, 0),
+                 "prompt_lens": torch.tensor([len(prompts[s.prompt_index]) for s in b.samples]),
                  "response_mask": mask}
         out = actor.compute_log_prob(batch, 16)
         d_lp = ((out["log_prob"] - roll_lp).abs() * mask)

@@ -18,7 +18,8 @@ from typing import Callable, List, Optional
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "qwen_moe.yaml"
 # a few seconds per RL step: 4 prompts x 4 samples, one mini-batch, a checkpoint after every step
-FAST = ["sft_warmup.steps=20", "rollout.val_sample_n=0", "data.arithmetic_max_operand=9", "trainer.prompts_per_step=4", "rollout.n=4", "actor.ppo_mini_batch_size=4",
+FAST = ["sft_warmup.steps=20", "rollout.val_sample_n=0", "data.arithmetic_max_operand=9", "trainer.prompts_per_step=4",
+        "rollout.n=4", "actor.ppo_mini_batch_size=4",
         "trainer.eval_every=0", "trainer.save_every=1", "trainer.keep_checkpoints=2", "trainer.report=false",
         "trainer.export_hf=false", "trainer.tensorboard=false", "data.num_val=8"]
 
@@ -148,7 +149,8 @@ def metric_steps(run_dir: Path, key: str = "step") -> List[int]:
 
 
 def metrics(run_dir: Path) -> dict:
-    return {r["step"]: r for r in map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines()) if "step" in r}
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r for r in map(json.loads, lines) if "step" in r}
 
 
 def complete_checkpoints(run_dir: Path) -> List[int]:

@@ -56,7 +56,7 @@ def test_ten_sigkills_in_a_row_lose_nothing(tmp_path):
             if kind == "startup":  # imports, Megatron init, SFT warm-up, engine start or the first steps
                 time.sleep(rng.uniform(1.0, 30.0))
             elif kind == "step":  # somewhere in a step or in the checkpoint after it
-                wait_until(lambda: _last_rl_step(run) > last, 400, t, "a new RL step")
+                wait_until(lambda last=last: _last_rl_step(run) > last, 400, t, "a new RL step")
                 time.sleep(rng.uniform(0.0, 3.0))
             else:  # the rank SIGKILLs itself between the checkpoint's files and its COMPLETE marker
                 t.proc.wait(timeout=400)

@@ -28,7 +28,7 @@ def test_bad_steps_are_skipped_counted_and_k_in_a_row_stop_the_run_with_a_checkp
     rc = t.wait(timeout=900)
     log = t.output()
     assert rc != 0
-    lines = [l for l in log.splitlines() if l.startswith("error:")]
+    lines = [line for line in log.splitlines() if line.startswith("error:")]
     assert lines and "3 consecutive steps had non-finite loss or gradients; stopped at step 7" in lines[0], log[-3000:]
     m = metrics(run)
     assert [s for s in metric_steps(run) if s >= 0] == list(range(0, 8))  # step 7 is logged, then the run stops
@@ -51,7 +51,7 @@ def test_non_finite_weights_stop_the_run_without_saving_them(tmp_path):
     rc = t.wait(timeout=900)
     log = t.output()
     assert rc != 0 and "done in" not in log
-    lines = [l for l in log.splitlines() if l.startswith("error:")]
+    lines = [line for line in log.splitlines() if line.startswith("error:")]
     assert lines and "the weights became non-finite in step 3" in lines[0], log[-3000:]
     assert max(complete_checkpoints(run)) == 2 and not (run / "hf").exists()  # nothing NaN was saved or exported
 
@@ -64,7 +64,7 @@ def test_steps_without_any_update_warn_and_k_in_a_row_stop_the_run(tmp_path):
     log = t.output()
     assert rc != 0 and "done in" not in log
     assert "warning: step 2: every group's samples were all right or all wrong, no update (1 such steps" in log
-    lines = [l for l in log.splitlines() if l.startswith("error:")]
+    lines = [line for line in log.splitlines() if line.startswith("error:")]
     assert lines and "3 steps in a row had no update" in lines[0] and "stopped at step 4" in lines[0], log[-3000:]
     assert [s for s in metric_steps(run) if s >= 0] == [0, 1, 2, 3, 4]
 
@@ -96,7 +96,7 @@ def test_engine_death_stops_the_trainer_with_a_message_and_keeps_the_last_good_c
         t.kill_all()
     log = t.output()
     assert rc != 0
-    lines = [l for l in log.splitlines() if l.startswith("error:")]
+    lines = [line for line in log.splitlines() if line.startswith("error:")]
     assert lines and "vLLM engine process died" in lines[0], log[-3000:]
     last = max(s for s in metric_steps(run))
     assert [s for s in metric_steps(run) if s >= 0] == list(range(0, last + 1))

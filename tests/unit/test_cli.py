@@ -30,7 +30,7 @@ def test_dry_run_of_every_shipped_recipe(recipe):
 def test_bad_input_is_one_line_and_exit_2(args, message):
     proc = cli(ROOT / "recipes" / "qwen_moe.yaml", "--dry-run", *args)
     assert proc.returncode == 2
-    lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in proc.stderr
 
 

@@ -39,7 +39,8 @@ def test_the_plan_runs_each_seeds_sft_first_and_every_arm_starts_from_it(tmp_pat
     sft = runs[0]
     assert "trainer.total_steps=0" in sft.overrides and "sft_warmup.steps=10" in sft.overrides
     up1 = runs[4]
-    assert up1.overrides[-1] == f"trainer.init_from={tmp_path / 'out' / 'sft' / 'seed1' / 'checkpoints' / 'step_000000'}"
+    init_from = tmp_path / "out" / "sft" / "seed1" / "checkpoints" / "step_000000"
+    assert up1.overrides[-1] == f"trainer.init_from={init_from}"
     # later overrides win: the arm's own settings come after the block's and the experiment's
     assert up1.overrides.index("algorithm.loss_mode=up_grpo") > up1.overrides.index("actor.lr=1e-3")
     assert up1.run_dir == tmp_path / "out" / "A" / "up" / "seed1"

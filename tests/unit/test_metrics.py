@@ -44,4 +44,4 @@ def test_resume_drops_later_samples_and_diagnostics(tmp_path):
         append_samples(tmp_path, s, [{"prompt": "1+1=", "response": "2"}])
     RunDir(tmp_path).cut_logs(keep_through=2)
     assert sorted(p.name for p in (tmp_path / "diagnostics").glob("*.npz")) == ["step_000001.npz", "step_000002.npz"]
-    assert [json.loads(l)["step"] for l in (tmp_path / "samples.jsonl").read_text().splitlines()] == [1, 2]
+    assert [json.loads(line)["step"] for line in (tmp_path / "samples.jsonl").read_text().splitlines()] == [1, 2]

@@ -1,7 +1,6 @@
 """Pieces of `RLStep` that need no engine or actor: rewards, DAPO dynamic sampling, advantages."""
 from pathlib import Path
 
-import pytest
 import torch
 
 from upgrpo_megatron.config import load_recipe

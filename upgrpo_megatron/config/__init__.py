@@ -31,8 +31,9 @@ from upgrpo_megatron.config.validate import (
 )
 
 __all__ = [
-    "ActorConfig", "AlgorithmConfig", "ConfigError", "CorrectionConfig", "DataConfig", "DiagnosticsConfig", "Layout", "ModelConfig",
-    "ParallelConfig", "RecipeConfig", "RolloutConfig", "SFTWarmupConfig", "TrainerConfig", "check_model_divides",
+    "ActorConfig", "AlgorithmConfig", "ConfigError", "CorrectionConfig", "DataConfig", "DiagnosticsConfig", "Layout",
+    "ModelConfig", "ParallelConfig", "RecipeConfig", "RolloutConfig", "SFTWarmupConfig", "TrainerConfig",
+    "check_model_divides",
     "choices", "from_dict", "get_key", "load_recipe", "parse_override", "resolved_yaml", "save_resolved", "to_dict",
     "validate", "validate_for_cpu_engine", "validate_layout",
 ]

@@ -83,7 +83,10 @@ def _merge_into(obj, data: Dict[str, Any], where: str, prefix: str = "") -> None
         if key not in fields:
             known = [f"{prefix}{k}" for k in fields]
             close = difflib.get_close_matches(full, known, n=1, cutoff=0.6)
-            hint = f" — did you mean '{close[0]}'?" if close else f" (known keys: {', '.join(k.split('.')[-1] for k in known)})"
+            if close:
+                hint = f" — did you mean '{close[0]}'?"
+            else:
+                hint = f" (known keys: {', '.join(k.split('.')[-1] for k in known)})"
             raise ConfigError(f"unknown key '{full}' in {where}{hint}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):

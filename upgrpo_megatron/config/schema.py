@@ -102,7 +102,8 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = -1
     dtype: str = "fp32"
-    kv_cache_gib: float = 1.0            # the engine's KV-cache budget (CPU: VLLM_CPU_KVCACHE_SPACE; GPU: kv_cache_memory_bytes)
+    # the engine's KV-cache budget (CPU: VLLM_CPU_KVCACHE_SPACE; GPU: kv_cache_memory_bytes)
+    kv_cache_gib: float = 1.0
     gpu_memory_utilization: float = 0.6
     enforce_eager: bool = True
     capture_routing: bool = True

@@ -148,7 +148,8 @@ def _check_data_and_batches(cfg: RecipeConfig, where: str) -> None:
     d, act, t = cfg.data, cfg.actor, cfg.trainer
     bad_ops = [o for o in d.arithmetic_ops if o not in ARITHMETIC_OPS]
     if bad_ops or not d.arithmetic_ops:
-        _fail("data.arithmetic_ops", d.arithmetic_ops, where, f"choose a non-empty subset of {', '.join(ARITHMETIC_OPS)}")
+        _fail("data.arithmetic_ops", d.arithmetic_ops, where,
+              f"choose a non-empty subset of {', '.join(ARITHMETIC_OPS)}")
     if d.task == "math" and not d.train_files:
         raise ConfigError(f"data.train_files in {where}: data.task=math needs at least one train file")
     # batches: mini-batches split the step's prompts evenly, so every update sees the same number of groups
@@ -220,7 +221,8 @@ def check_model_divides(model, *, tp: int, ep: int, etp: int, where: str) -> Non
         if v % tp:
             raise ConfigError(f"model.{key}={v} in {where}: not divisible by parallel.tp={tp}")
     if model.first_k_dense_layers and model.ffn_hidden_size % tp:
-        raise ConfigError(f"model.ffn_hidden_size={model.ffn_hidden_size} in {where}: not divisible by parallel.tp={tp}")
+        raise ConfigError(f"model.ffn_hidden_size={model.ffn_hidden_size} in {where}: "
+                          f"not divisible by parallel.tp={tp}")
     if model.moe_ffn_hidden_size % etp:
         raise ConfigError(f"model.moe_ffn_hidden_size={model.moe_ffn_hidden_size} in {where}: not divisible by "
                           f"parallel.etp={etp}")
@@ -235,7 +237,8 @@ def validate_layout(cfg: RecipeConfig, world_size: int) -> Layout:
     if world_size < 1:
         raise ConfigError(f"world size {world_size}: must be >= 1")
     if world_size % (p.tp * p.pp):
-        raise ConfigError(f"parallel.tp={p.tp} x parallel.pp={p.pp} in {where}: does not divide the world size {world_size}")
+        raise ConfigError(f"parallel.tp={p.tp} x parallel.pp={p.pp} in {where}: "
+                          f"does not divide the world size {world_size}")
     if world_size % (p.ep * p.etp * p.pp):
         raise ConfigError(f"parallel.ep={p.ep} x parallel.etp={p.etp} x parallel.pp={p.pp} in {where}: does not "
                           f"divide the world size {world_size}")

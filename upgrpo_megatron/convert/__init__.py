@@ -83,6 +83,6 @@ def save_hf_checkpoint(model_cfg, hf_tensors: Iterator[Tuple[str, torch.Tensor]]
 
 __all__ = [
     "ConversionError", "HFReader", "TokenizerFiles", "canonical_names", "check_compatible", "check_output_dir",
-    "hf_config_to_model_cfg", "hf_shapes", "hf_sources", "hf_to_megatron", "iter_hf_as_megatron", "load_hf_into_model", "megatron_to_hf",
-    "megatron_to_hf_stream", "model_cfg_to_hf_config", "save_hf_checkpoint", "write_hf_dir",
+    "hf_config_to_model_cfg", "hf_shapes", "hf_sources", "hf_to_megatron", "iter_hf_as_megatron", "load_hf_into_model",
+    "megatron_to_hf", "megatron_to_hf_stream", "model_cfg_to_hf_config", "save_hf_checkpoint", "write_hf_dir",
 ]

@@ -18,7 +18,6 @@ import torch
 
 from upgrpo_megatron.convert.errors import ConversionError  # noqa: F401 (re-exported)
 
-
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "tokenizer.model", "vocab.txt", "chat_template.jinja",
                    "chat_template.json")
@@ -120,7 +119,9 @@ def hf_config_to_model_cfg(hf: Dict[str, Any], source: str = "config.json") -> D
         "moe_router_topk": int(hf["num_experts_per_tok"]),
         "norm_topk_prob": bool(hf.get("norm_topk_prob", mt == "qwen3_moe")),
         "first_k_dense_layers": len(dense),
-        "shared_expert_ffn_hidden_size": int(hf.get("shared_expert_intermediate_size", 0) or 0) if mt == "qwen2_moe" else 0,
+        "shared_expert_ffn_hidden_size": (
+            int(hf.get("shared_expert_intermediate_size", 0) or 0) if mt == "qwen2_moe" else 0
+        ),
         "rope_theta": _rope_theta(hf),
         "norm_epsilon": float(hf.get("rms_norm_eps", 1e-6)),
         "max_position_embeddings": int(hf.get("max_position_embeddings", 4096)),

@@ -30,11 +30,16 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 import yaml
 
-from upgrpo_megatron.convert.hf_io import ConversionError, HFReader, TokenizerFiles, check_output_dir, \
-    hf_config_to_model_cfg, write_hf_dir
+from upgrpo_megatron.convert import torch_dist
+from upgrpo_megatron.convert.hf_io import (
+    ConversionError,
+    HFReader,
+    TokenizerFiles,
+    check_output_dir,
+    hf_config_to_model_cfg,
+    write_hf_dir,
+)
 from upgrpo_megatron.convert.qwen_moe import canonical_names, hf_shapes, hf_sources, hf_to_megatron, megatron_to_hf
-from upgrpo_megatron.convert.torch_dist import TorchDistReader, UnsupportedCheckpoint, checkpoint_key, no_cyclic_gc, \
-    write_model
 
 HF_CONFIG_FILE = "hf_config.json"          # the source config.json, kept for token ids on export
 HF_GENERATION_FILE = "generation_config.json"
@@ -43,7 +48,7 @@ HF_GENERATION_FILE = "generation_config.json"
 def ckpt_location(name: str, keys) -> Tuple[str, Optional[int]]:
     """Canonical Megatron name -> (checkpoint key, expert index into the stacked tensor or None); a name the
     checkpoint holds as itself (another spec's naming) is found too."""
-    key, expert = checkpoint_key(name)
+    key, expert = torch_dist.checkpoint_key(name)
     if key in keys:
         return key, expert
     if name in keys:
@@ -96,7 +101,7 @@ class _DirectSource:
     view, and the export writes them as two HF tensors anyway (no concatenated copy is made)."""
 
     def __init__(self, model_dir: Path):
-        self.reader = TorchDistReader(model_dir)
+        self.reader = torch_dist.TorchDistReader(model_dir)
         self.keys = self.reader.tensors
 
     def load(self, names: List[str]) -> Dict[str, object]:
@@ -246,7 +251,7 @@ class MegatronCheckpointReader:
         """Full canonical tensors for `names`, in one checkpoint read."""
         try:
             return self._source.load(names)
-        except UnsupportedCheckpoint:
+        except torch_dist.UnsupportedCheckpoint:
             raise
         except ConversionError:
             self.verified()
@@ -286,10 +291,10 @@ def convert_megatron_to_hf(ckpt_dir, out_dir, *, force: bool = False, max_shard_
     Single process. Checks the output directory first; writes atomically."""
     check_output_dir(out_dir, force)
     try:
-        with no_cyclic_gc():
+        with torch_dist.no_cyclic_gc():
             reader = MegatronCheckpointReader(ckpt_dir)
             return _export(reader, out_dir, force, max_shard_bytes, batch_bytes, show_progress)
-    except UnsupportedCheckpoint as e:  # written by something newer/other than we decode: megatron reads it
+    except torch_dist.UnsupportedCheckpoint as e:  # written by something newer/other than we decode: megatron reads it
         path = resolve_checkpoint_dir(ckpt_dir)
         if show_progress:
             print(f"note: {e}; reading {path} through dist_checkpointing instead")
@@ -358,7 +363,7 @@ def convert_hf_to_megatron(hf_dir, out_dir, *, tp: int = 1, ep: int = 1, force: 
     extra_state = {"source": str(Path(hf_dir).resolve())}
     if _world_size() > 1:
         return _convert_in_parallel(hf_dir, out, cfg, tp, ep, extra_files, tok, extra_state, show_progress)
-    with no_cyclic_gc():
+    with torch_dist.no_cyclic_gc():
         return _convert_streaming(reader, out, cfg, extra_files, tok, extra_state, show_progress)
 
 
@@ -382,7 +387,7 @@ def _convert_streaming(reader: HFReader, out: Path, cfg: Dict, extra_files: Dict
     try:
         bar = progress(_hf_as_megatron_rows(reader, cfg), desc="hf -> megatron", enabled=show_progress,
                        unit="tensor", total=len(canonical_names(cfg)))
-        sums = write_model(tmp / "model", cfg, dtype, bar)
+        sums = torch_dist.write_model(tmp / "model", cfg, dtype, bar)
         return finish_checkpoint(tmp, out, layout={"world_size": 1, "tp": 1, "ep": 1, "etp": 1},
                                  extra_state=extra_state, model_cfg=cfg, tokenizer=tok if tok else None,
                                  extra_files=extra_files, known_sums=sums)

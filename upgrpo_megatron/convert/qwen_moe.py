@@ -83,7 +83,8 @@ def megatron_to_hf(name: str, tensor: Tensor, cfg) -> List[Tuple[str, Tensor]]:
     if rest in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
         kind = rest.rsplit(".", 1)[1]
         q, k, v = _split_qkv(tensor, cfg)
-        return [(f"{p}self_attn.q_proj.{kind}", q), (f"{p}self_attn.k_proj.{kind}", k), (f"{p}self_attn.v_proj.{kind}", v)]
+        return [(f"{p}self_attn.q_proj.{kind}", q), (f"{p}self_attn.k_proj.{kind}", k),
+                (f"{p}self_attn.v_proj.{kind}", v)]
     e = _EXPERT.match(rest)
     if e:
         base = f"{p}mlp.experts.{e.group(1)}."
@@ -119,7 +120,9 @@ def hf_sources(name: str, cfg) -> List[str]:
     e = _EXPERT.match(rest)
     if e:
         base = f"{p}mlp.experts.{e.group(1)}."
-        return [base + "gate_proj.weight", base + "up_proj.weight"] if e.group(2) == "linear_fc1" else [base + "down_proj.weight"]
+        if e.group(2) == "linear_fc1":
+            return [base + "gate_proj.weight", base + "up_proj.weight"]
+        return [base + "down_proj.weight"]
     if rest in ("mlp.linear_fc1.weight", "mlp.shared_experts.linear_fc1.weight"):
         base = p + ("mlp." if rest.startswith("mlp.linear") else "mlp.shared_expert.")
         return [base + "gate_proj.weight", base + "up_proj.weight"]
@@ -149,11 +152,13 @@ def canonical_names(cfg) -> List[str]:
     """Every canonical Megatron tensor name of the architecture, in model order."""
     s = model_shape(cfg)
     qwen2 = s.architecture == "qwen2_moe"
-    tied = bool(cfg.get("tie_word_embeddings", False) if isinstance(cfg, dict) else getattr(cfg, "tie_word_embeddings", False))
+    tied = bool(cfg.get("tie_word_embeddings", False) if isinstance(cfg, dict)
+                else getattr(cfg, "tie_word_embeddings", False))
     names = ["embedding.word_embeddings.weight"]
     for i in range(s.num_layers):
         p = f"decoder.layers.{i}."
-        names += [p + "input_layernorm.weight", p + "self_attention.linear_proj.weight", p + "self_attention.linear_qkv.weight"]
+        names += [p + "input_layernorm.weight", p + "self_attention.linear_proj.weight",
+                  p + "self_attention.linear_qkv.weight"]
         if qwen2:
             names.append(p + "self_attention.linear_qkv.bias")
         else:
@@ -164,7 +169,8 @@ def canonical_names(cfg) -> List[str]:
             continue
         names.append(p + "mlp.router.weight")
         for e in range(s.num_experts):
-            names += [p + f"mlp.experts.local_experts.{e}.linear_fc1.weight", p + f"mlp.experts.local_experts.{e}.linear_fc2.weight"]
+            names += [p + f"mlp.experts.local_experts.{e}.linear_fc1.weight",
+                      p + f"mlp.experts.local_experts.{e}.linear_fc2.weight"]
         if qwen2 and s.shared_expert_ffn_hidden_size:
             names += [p + "mlp.shared_experts.linear_fc1.weight", p + "mlp.shared_experts.linear_fc2.weight",
                       p + "mlp.shared_experts.gate_weight"]
@@ -180,7 +186,8 @@ def hf_shapes(cfg) -> Dict[str, Tuple[int, ...]]:
     s = model_shape(cfg)
     h, hd, nq, nkv = s.hidden_size, s.head_dim, s.num_attention_heads, s.num_query_groups
     qwen2 = s.architecture == "qwen2_moe"
-    tied = bool(cfg.get("tie_word_embeddings", False) if isinstance(cfg, dict) else getattr(cfg, "tie_word_embeddings", False))
+    tied = bool(cfg.get("tie_word_embeddings", False) if isinstance(cfg, dict)
+                else getattr(cfg, "tie_word_embeddings", False))
     out: Dict[str, Tuple[int, ...]] = {"model.embed_tokens.weight": (s.vocab_size, h)}
     for i in range(s.num_layers):
         p = f"model.layers.{i}."

@@ -13,7 +13,6 @@ import random
 from dataclasses import dataclass
 from typing import List, Sequence, Tuple
 
-
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 

@@ -37,7 +37,8 @@ def _check_prompt(value: Any) -> Prompt:
     if isinstance(value, str) and value.strip():
         return value
     if isinstance(value, list) and value and all(
-            isinstance(m, dict) and isinstance(m.get("content"), str) and isinstance(m.get("role"), str) for m in value):
+            isinstance(m, dict) and isinstance(m.get("content"), str) and isinstance(m.get("role"), str)
+            for m in value):
         return [{"role": m["role"], "content": m["content"]} for m in value]
     raise TypeError("expected a non-empty string or a list of {role, content} messages")
 
@@ -100,7 +101,8 @@ def load_math_rows(files: List[str], prompt_key: str = "prompt", answer_key: str
                     problem = str(t) if str(t).startswith("'") else f"'{prompt_key}': {t}"
             if problem is not None:
                 if not skip_malformed:
-                    raise DatasetError(f"{path} {where}: {problem} (set data.skip_malformed_rows=true to skip such rows)")
+                    raise DatasetError(f"{path} {where}: {problem} "
+                                       "(set data.skip_malformed_rows=true to skip such rows)")
                 skipped += 1
                 continue
             out.append(MathRow(prompt, str(answer).strip(), source))

@@ -123,7 +123,8 @@ def block_tables(block: str, baseline: str, arms: Dict[str, Dict[int, Dict]]) ->
 
 FIGURE_PANELS = [("val/mean@8", "val/mean@8 (8 samples per problem, T = 1)"), ("val/acc", "val/acc (greedy)"),
                  ("actor/kl_loss", "KL to the reference"), ("actor/entropy", "entropy"),
-                 ("ratio/pos_var", "var of the loss's ratio, A > 0"), ("ratio/neg_var", "var of the loss's ratio, A <= 0"),
+                 ("ratio/pos_var", "var of the loss's ratio, A > 0"),
+                 ("ratio/neg_var", "var of the loss's ratio, A <= 0"),
                  ("mismatch/routing/pair_frac", "routing mismatch engine vs trainer")]
 
 

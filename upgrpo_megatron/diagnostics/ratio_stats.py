@@ -67,8 +67,8 @@ class RatioStats:
         mx_ = s1 / safe  # mean of r - 1
         mean = torch.where(c > 0, 1 + mx_, torch.zeros_like(s1))
         var = torch.where(c > 0, (s2 / safe - mx_ * mx_).clamp(min=0), torch.zeros_like(s1))
-        return {"count": c, "mean": mean, "var": var, "outside_frac": torch.where(c > 0, no / safe, torch.zeros_like(s1)),
-                "max_abs_log": mx}
+        return {"count": c, "mean": mean, "var": var,
+                "outside_frac": torch.where(c > 0, no / safe, torch.zeros_like(s1)), "max_abs_log": mx}
 
     def metrics(self, prefix: str) -> Dict[str, float]:
         out = {f"{prefix}/{k}": v for k, v in self.token_scalars.items()}
@@ -82,7 +82,8 @@ class RatioStats:
         return {f"{prefix}_{k}": v for k, v in d.items()}
 
 
-def _token_split_stats(r: torch.Tensor, log_r: torch.Tensor, outside: torch.Tensor, sel: torch.Tensor) -> Dict[str, float]:
+def _token_split_stats(r: torch.Tensor, log_r: torch.Tensor, outside: torch.Tensor,
+                       sel: torch.Tensor) -> Dict[str, float]:
     n = float(sel.sum())
     if n == 0:
         return {"count": 0.0, "mean": NAN, "var": NAN, "max_abs_log": NAN, "outside_clip_frac": NAN}

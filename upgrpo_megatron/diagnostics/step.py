@@ -159,7 +159,8 @@ class StepDiagnostics:
                 per_mb = []
                 for e in sorted({i["epoch"] for i in items}):
                     sel = [i for i in items if i["epoch"] == e]
-                    mm = compute_routing_mismatch(cat("old_routing", sel), cat("routing", sel), cat("mask", sel), self.E)
+                    mm = compute_routing_mismatch(cat("old_routing", sel), cat("routing", sel), cat("mask", sel),
+                                                  self.E)
                     m[f"routing/drift/pair_frac_epoch{e}"] = mm.scalars["pair_frac"]
                 for i in items:  # per micro-batch, in update order: does drift grow within the step?
                     per_mb.append(compute_routing_mismatch(i["old_routing"], i["routing"], i["mask"], self.E)

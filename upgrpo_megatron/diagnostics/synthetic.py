@@ -84,13 +84,15 @@ def make_synthetic_run(run_dir, *, loss_mode: str = "up_grpo", seed: int = 1, st
             arrays.update(darr)
             t = step / steps
             rec.update({k: v for k, v in m.items() if isinstance(v, float) and math.isfinite(v)})
-            rec.update({"actor/ppo_kl": 1e-3 * (1 + t) * (0.9 if up else 1.0), "actor/entropy": 0.8 + (0.3 if up else -0.2) * t,
+            rec.update({"actor/ppo_kl": 1e-3 * (1 + t) * (0.9 if up else 1.0),
+                        "actor/entropy": 0.8 + (0.3 if up else -0.2) * t,
                         "actor/pg_clipfrac": 0.05 + 0.02 * t, "actor/pg_clipfrac_lower": 0.001,
                         "critic/score/mean": 0.3 + 0.3 * t})
             f.write(json.dumps(rec) + "\n")
             if writer is not None:
                 writer.write(step, arrays)
-            append_samples(run, step, list(samples or [{"prompt": f"{step}+1=", "response": str(step + 1), "reward": 1.0}]))
+            default_samples = [{"prompt": f"{step}+1=", "response": str(step + 1), "reward": 1.0}]
+            append_samples(run, step, list(samples or default_samples))
     return run
 
 

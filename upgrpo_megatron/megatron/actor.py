@@ -14,13 +14,11 @@ the routing of input position prompt_lens[i] + t (the position that holds the to
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
-
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import (
     DistributedDataParallel,
@@ -148,7 +146,8 @@ class MegatronActor:
         try:
             log_prob, entropy = score_responses(self.model, ids, prompt_lens, response_len)
         finally:
-            routing_full = self._recorded_routing(b, ids.shape[1]) if record_routing and replay_routing is None else None
+            routing_full = (self._recorded_routing(b, ids.shape[1])
+                            if record_routing and replay_routing is None else None)
             RouterReplay.clear_global_router_replay_action()
             RouterReplay.clear_global_indices()
         routing = None
@@ -279,4 +278,5 @@ def split_micro_batches(batch: Batch, index: torch.Tensor, micro_batch_size: int
     """Rows `index` of `batch` as micro-batches of at most `micro_batch_size` rows."""
     for sl in _slices(index.numel(), micro_batch_size):
         rows = index[sl]
-        yield {k: v[rows] for k, v in batch.items() if isinstance(v, torch.Tensor) and v.shape[:1] == batch["input_ids"].shape[:1]}
+        yield {k: v[rows] for k, v in batch.items()
+               if isinstance(v, torch.Tensor) and v.shape[:1] == batch["input_ids"].shape[:1]}

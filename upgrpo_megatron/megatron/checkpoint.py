@@ -26,11 +26,11 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import yaml
+from megatron.core import dist_checkpointing
+from megatron.core import parallel_state as ps
 
 from upgrpo_megatron import console
 from upgrpo_megatron.errors import UpgrpoError
-from megatron.core import dist_checkpointing
-from megatron.core import parallel_state as ps
 
 FORMAT_VERSION = 1
 
@@ -191,7 +191,8 @@ def safe_torch_load(path) -> object:
         return torch.load(path, weights_only=True, map_location="cpu")
     except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"{path}: not a plain-tensor torch file, refusing to unpickle it ({first[:160]})") from None
+        raise CheckpointError(
+            f"{path}: not a plain-tensor torch file, refusing to unpickle it ({first[:160]})") from None
 
 
 def _step_of(p: Path) -> int:

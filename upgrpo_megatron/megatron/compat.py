@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import warnings
 
 import torch
@@ -149,7 +148,6 @@ def apply_cpu_patches() -> bool:
     # 5. megatron's optimizer and grad clipping allocate scalars with device="cuda"
     import megatron.core.optimizer.clip_grads as clip_grads
     import megatron.core.optimizer.optimizer as moptimizer
-
     import megatron.core.utils as mutils
 
     for module in (clip_grads, moptimizer, mutils):

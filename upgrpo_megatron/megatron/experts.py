@@ -26,7 +26,6 @@ import functools
 from typing import List, Optional, Sequence
 
 import torch
-
 from megatron.core.transformer.moe.experts import SequentialMLP
 
 

@@ -24,7 +24,8 @@ def _tp_group():
 
     if not ps.model_parallel_is_initialized():
         return None, 1, 0
-    return ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    return (ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_world_size(),
+            ps.get_tensor_model_parallel_rank())
 
 
 class _VocabParallelLogProbEntropy(torch.autograd.Function):

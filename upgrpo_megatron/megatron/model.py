@@ -20,9 +20,6 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-
-from upgrpo_megatron.megatron import compat
-
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer import TransformerConfig
@@ -31,6 +28,7 @@ from megatron.core.transformer.enums import AttnBackend, AttnMaskType
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from upgrpo_megatron.megatron import compat
 from upgrpo_megatron.megatron.experts import GroupedSequentialMLP
 
 
@@ -48,7 +46,7 @@ class SequenceParallelRMSNorm(torch.nn.Module):
         self.weight = torch.nn.Parameter(
             torch.ones(hidden_size, dtype=config.params_dtype, device=compat.device())
         )
-        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+        self.weight.sequence_parallel = config.sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype

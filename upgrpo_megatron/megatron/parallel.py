@@ -12,12 +12,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from upgrpo_megatron.distributed import DataParallel
 from upgrpo_megatron.megatron import compat
-
-from megatron.core import parallel_state
-from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 
 @dataclass(frozen=True)

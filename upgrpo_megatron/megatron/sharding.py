@@ -24,7 +24,6 @@ from typing import Dict, Iterator, Mapping, Tuple
 
 import torch
 import torch.distributed as dist
-
 from megatron.core import parallel_state as ps
 
 _EXPERT_RE = re.compile(r"^(.*\.mlp\.experts\.local_experts\.)(\d+)(\..*)$")
@@ -139,7 +138,8 @@ def join_shards(parts, param: torch.nn.Parameter, name: str, model) -> torch.Ten
 
 
 @torch.no_grad()
-def load_full_tensor(model, gname: str, tensor: torch.Tensor, params: Dict[str, torch.nn.Parameter] | None = None) -> str | None:
+def load_full_tensor(model, gname: str, tensor: torch.Tensor,
+                     params: Dict[str, torch.nn.Parameter] | None = None) -> str | None:
     """Copy one canonical tensor into this rank's shard; returns the local name, or None when another EP
     rank owns it. A shape that does not fit names the tensor."""
     params = params if params is not None else _params_by_name(model)
@@ -178,7 +178,8 @@ def load_full_state_dict(model, full: Mapping[str, torch.Tensor], strict: bool =
             seen.add(lname)
     missing = [n for n in params if n not in seen]
     if strict and missing:
-        raise KeyError(f"checkpoint lacks {len(missing)} model tensors, e.g. '{local_to_global_name(missing[0], model)}'")
+        raise KeyError(f"checkpoint lacks {len(missing)} model tensors, "
+                       f"e.g. '{local_to_global_name(missing[0], model)}'")
 
 
 @torch.no_grad()

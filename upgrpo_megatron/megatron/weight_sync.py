@@ -25,8 +25,8 @@ from typing import Iterator, List, Optional, Set, Tuple
 
 import torch
 import torch.distributed as dist
-
 from megatron.core import parallel_state as ps
+
 from upgrpo_megatron.megatron.sharding import (
     _EXPERT_RE,
     _groups,

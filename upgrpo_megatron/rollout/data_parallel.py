@@ -27,7 +27,8 @@ from typing import Sequence
 from upgrpo_megatron.rollout.batch import RolloutBatch, RolloutError, merge_rank_batches, shard_prompts
 
 
-def generate_data_parallel(engine, prompt_token_ids: Sequence[Sequence[int]], *, group=None, **sampling) -> RolloutBatch:
+def generate_data_parallel(engine, prompt_token_ids: Sequence[Sequence[int]], *, group=None,
+                           **sampling) -> RolloutBatch:
     """Generate this rank's share of the prompts on its own engine and return the whole batch, in global
     order (prompt-major, then sample index), on every rank of `group`."""
     import torch.distributed as dist

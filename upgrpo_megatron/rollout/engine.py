@@ -327,7 +327,8 @@ class RolloutEngine:
             if want is None:
                 raise RolloutError(f"update_weights: tensor '{name}' is not in the engine's checkpoint {self.hf_dir}")
             if tuple(t.shape) != want:
-                raise RolloutError(f"update_weights: tensor '{name}' has shape {tuple(t.shape)}, the engine's is {want}")
+                raise RolloutError(f"update_weights: tensor '{name}' has shape {tuple(t.shape)}, "
+                                   f"the engine's is {want}")
             if self.in_process:  # stays on its GPU: vLLM's loader copies it into the engine's shard
                 yield name, t
                 continue

@@ -59,7 +59,8 @@ def rows_per_sequence(rec: dict, seqs: Sequence[Sequence[int]]) -> List[np.ndarr
             elif start == 0 and last_prev is not None and len(last_prev["ids"]) == pos[start]:
                 seg = last_prev
             else:
-                raise RolloutError(f"routing capture: a prefill chunk at position {int(pos[start])} continues no request")
+                raise RolloutError(f"routing capture: a prefill chunk at position {int(pos[start])} "
+                                   "continues no request")
             seg["ids"].extend(ids[start:end].tolist())
             seg["rows"].append(topk[start:end])
             last = seg

@@ -145,7 +145,7 @@ def reload_weights(worker, blob: bytes) -> int:
         else:
             plain.append((name, t))
     cfg = model.config
-    num_experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts")
+    num_experts = getattr(cfg, "num_experts", None) or cfg.num_local_experts
     with torch.no_grad():
         if plain:
             model.load_weights(iter(plain))

@@ -75,11 +75,13 @@ def test_30b_recipe_carries_the_published_dapo_hyperparameters():
     a, act, d = cfg.algorithm, cfg.actor, cfg.data
     assert (a.clip_ratio_low, a.clip_ratio_high, a.clip_ratio_c, a.loss_agg_mode) == (0.2, 0.28, 10.0, "token-mean")
     assert (act.lr, act.lr_warmup_steps, act.weight_decay, act.grad_clip) == (1e-6, 10, 0.1, 1.0)
-    assert (cfg.rollout.n, a.dynamic_sampling, a.overlong_buffer_len, a.overlong_penalty_factor) == (16, True, 4096, 1.0)
+    assert (cfg.rollout.n, a.dynamic_sampling, a.overlong_buffer_len, a.overlong_penalty_factor) == (
+        16, True, 4096, 1.0)
     assert (d.max_prompt_length, d.max_response_length, d.reward) == (2048, 20480, "dapo_answer")
     assert a.kl_loss_coef == 0.0 and cfg.model.moe_aux_loss_coeff == 0.0
     m = cfg.model
-    assert (m.hidden_size, m.num_layers, m.num_attention_heads, m.num_query_groups, m.head_dim) == (2048, 48, 32, 4, 128)
+    assert (m.hidden_size, m.num_layers, m.num_attention_heads, m.num_query_groups, m.head_dim) == (
+        2048, 48, 32, 4, 128)
     assert (m.num_experts, m.moe_router_topk, m.moe_ffn_hidden_size, m.vocab_size) == (128, 8, 768, 151936)
 
 

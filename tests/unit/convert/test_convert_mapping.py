@@ -7,8 +7,14 @@ import pytest
 import torch
 
 from upgrpo_megatron.convert import (
-    ConversionError, canonical_names, hf_config_to_model_cfg, hf_shapes, hf_sources, hf_to_megatron,
-    megatron_to_hf, model_cfg_to_hf_config,
+    ConversionError,
+    canonical_names,
+    hf_config_to_model_cfg,
+    hf_shapes,
+    hf_sources,
+    hf_to_megatron,
+    megatron_to_hf,
+    model_cfg_to_hf_config,
 )
 
 QWEN3 = dict(architecture="qwen3_moe", vocab_size=96, hidden_size=64, num_layers=3, num_attention_heads=4,

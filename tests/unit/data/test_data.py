@@ -60,7 +60,8 @@ def test_arithmetic_problems_are_correct_for_every_operator():
     train, val = split_problems(12, 10_000, 10, seed=0, ops=["+", "-", "*"])
     assert {p.prompt[-1] for p in train} == {"="} and len(train) + len(val) == 3 * 13 * 13
     for p in train + val:
-        a, op, b = next((p.prompt[:i], p.prompt[i], p.prompt[i + 1:-1]) for i in range(1, len(p.prompt)) if p.prompt[i] in "+-*")
+        a, op, b = next((p.prompt[:i], p.prompt[i], p.prompt[i + 1:-1])
+                        for i in range(1, len(p.prompt)) if p.prompt[i] in "+-*")
         assert int(p.answer) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
 
 
@@ -138,7 +139,8 @@ def test_task_stream_resumes_exactly():
 
 
 # ----------------------------------------------------------------------------------------------- math datasets
-GOOD = {"data_source": "math_dapo", "prompt": [{"role": "user", "content": "1+1?"}], "reward_model": {"ground_truth": "2"}}
+GOOD = {"data_source": "math_dapo", "prompt": [{"role": "user", "content": "1+1?"}],
+        "reward_model": {"ground_truth": "2"}}
 
 
 def _write_jsonl(path, rows):
@@ -159,8 +161,10 @@ def test_malformed_jsonl_rows_are_reported_with_file_and_line_or_skipped(tmp_pat
     ('[1, 2]', "line 2: expected a JSON object"),
     (json.dumps({"prompt": 5, "reward_model": {"ground_truth": "1"}}), "line 2: 'prompt': expected a non-empty string"),
     (json.dumps({"prompt": [{"text": "hi"}], "reward_model": {"ground_truth": "1"}}), "line 2: 'prompt'"),
-    (json.dumps({"prompt": "x", "reward_model": {"ground_truth": None}}), "line 2: missing 'reward_model.ground_truth'"),
-    (json.dumps({"prompt": "x", "reward_model": {"ground_truth": [1]}}), "line 2: 'reward_model.ground_truth': expected"),
+    (json.dumps({"prompt": "x", "reward_model": {"ground_truth": None}}),
+     "line 2: missing 'reward_model.ground_truth'"),
+    (json.dumps({"prompt": "x", "reward_model": {"ground_truth": [1]}}),
+     "line 2: 'reward_model.ground_truth': expected"),
 ])
 def test_each_kind_of_malformed_row_names_its_problem(tmp_path, bad, message):
     f = tmp_path / "d.jsonl"
@@ -175,8 +179,11 @@ def test_parquet_rows_with_chat_prompts_and_malformed_rows(tmp_path):
     import pyarrow.parquet as pq
 
     f = tmp_path / "train.parquet"
-    rows = [GOOD, {"data_source": "x", "prompt": [{"role": "user", "content": "2+2?"}], "reward_model": {"ground_truth": None}},
-            {"data_source": "aime", "prompt": [{"role": "user", "content": "3+3?"}], "reward_model": {"ground_truth": "6"}}]
+    rows = [GOOD,
+            {"data_source": "x", "prompt": [{"role": "user", "content": "2+2?"}],
+             "reward_model": {"ground_truth": None}},
+            {"data_source": "aime", "prompt": [{"role": "user", "content": "3+3?"}],
+             "reward_model": {"ground_truth": "6"}}]
     pq.write_table(pa.Table.from_pylist(rows), f)
     with pytest.raises(DatasetError, match=r"train.parquet row 2: missing 'reward_model.ground_truth'"):
         load_math_rows([str(f)], "prompt", GT)
@@ -221,7 +228,8 @@ def test_an_empty_file_after_a_file_with_skipped_rows_is_still_reported(tmp_path
 
 def test_math_task_uses_the_tokenizer_chat_template(tmp_path):
     tok = build_char_tokenizer(32)
-    tok.chat_template = "{% for m in messages %}Q:{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}A:{% endif %}"
+    tok.chat_template = ("{% for m in messages %}Q:{{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}A:{% endif %}")
     tok.save_pretrained(tmp_path / "tok")
     f = tmp_path / "train.jsonl"
     _write_jsonl(f, [{"prompt": [{"role": "user", "content": "1+2="}], "reward_model": {"ground_truth": "3"}},

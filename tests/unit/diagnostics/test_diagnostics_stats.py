@@ -126,7 +126,8 @@ def test_mismatch_shape_errors_name_the_argument():
 
 
 # ---------------------------------------------------------------------------------------------- ratios
-LOG_RATIO = torch.tensor([[math.log(2.0), math.log(0.5), 0.0, math.log(100.0)]], dtype=torch.float64)  # r = 2, .5, 1, (masked 100)
+# r = 2, .5, 1, (masked 100)
+LOG_RATIO = torch.tensor([[math.log(2.0), math.log(0.5), 0.0, math.log(100.0)]], dtype=torch.float64)
 ADV = torch.tensor([[1.0, -1.0, 1.0, 5.0]])  # t0 A>0, t1 A<0, t2 A>0 (t3 masked)
 MISMATCHED = torch.tensor([[[False, False], [True, False], [True, True], [False, False]]])
 
@@ -176,7 +177,8 @@ def test_ratio_token_level_scalars_per_split():
     assert s["x/all/max_abs_log"] == approx(math.log(2))
     assert s["x/all/outside_clip_frac"] == approx(2 / 3)
     # A>0: t0 (2), t2 (1): mean 1.5, var 0.25, outside 1/2; A<=0: t1 (0.5) only
-    assert (s["x/adv_pos/mean"], s["x/adv_pos/var"], s["x/adv_pos/outside_clip_frac"]) == (approx(1.5), approx(0.25), approx(0.5))
+    assert (s["x/adv_pos/mean"], s["x/adv_pos/var"], s["x/adv_pos/outside_clip_frac"]) == (
+        approx(1.5), approx(0.25), approx(0.5))
     assert (s["x/adv_nonpos/mean"], s["x/adv_nonpos/var"], s["x/adv_nonpos/count"]) == (approx(0.5), approx(0.0), 1)
     # token mismatched when any layer mismatched: t1, t2 -> r = 0.5, 1: mean 0.75, var 0.625 - 0.5625 = 0.0625
     assert s["x/mismatched/mean"] == approx(0.75) and s["x/mismatched/var"] == approx(0.0625)

@@ -27,7 +27,8 @@ def test_step_diagnostics_names_metrics_in_full_and_skips_routing_when_not_captu
     assert arrays["train_rollout_ratio_var"].shape == (2, E, 2, 2)
     assert arrays["hist_train_rollout"].sum() == 3
     m2, arrays2 = step_diagnostics(response_mask=MASK, advantages=ADV, old_log_prob=LP, rollout_log_prob=LP,
-                                   train_routing=TRAIN, rollout_routing=None, num_experts=E, clip_low=0.2, clip_high=0.28)
+                                   train_routing=TRAIN, rollout_routing=None, num_experts=E,
+                                   clip_low=0.2, clip_high=0.28)
     assert not any(k.startswith("mismatch/routing/") for k in m2) and "mismatch/js_divergence" in m2
     assert "mismatch_expert_flip_rate" not in arrays2 and "load_train" in arrays2
 

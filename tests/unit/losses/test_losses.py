@@ -48,7 +48,7 @@ def test_positive_branch_gradient_equals_aw_sft_for_any_old_log_prob(agg):
     adv = torch.rand_like(lp) + 0.1  # all A > 0
     ref = _grad(lambda x: agg_loss(-adv * x, mask, agg), lp)  # advantage-weighted SFT: -A log pi
     for shift in (-5.0, 0.0, 5.0):  # ratios e^{+-5}: far outside any clip range, the gradient must not care
-        g = _grad(lambda x: _loss("up_grpo", agg)(old + shift, x, adv, mask), lp)
+        g = _grad(lambda x, shift=shift: _loss("up_grpo", agg)(old + shift, x, adv, mask), lp)
         torch.testing.assert_close(g, ref, rtol=0, atol=1e-12)
     # token-mean: the gradient is exactly -A / (number of valid tokens) on valid tokens, 0 elsewhere
     g = _grad(lambda x: _loss("up_grpo")(old - 5.0, x, adv, mask), lp)
@@ -241,8 +241,8 @@ def test_gspo_with_equal_token_log_ratios_reduces_to_vanilla_clipping_of_the_seq
     mask[1, 3:] = 0
     no_dual = dict(CLIP, clip_ratio_c=1e9)  # GSPO has no dual clip
     for agg in AGG_MODES:
-        gs = lambda x: _loss("gspo", agg)(old, x, adv, mask)  # noqa: E731
-        va = lambda x: _loss("vanilla", agg, **no_dual)(old, x, adv, mask)  # noqa: E731
+        gs = lambda x, agg=agg: _loss("gspo", agg)(old, x, adv, mask)  # noqa: E731
+        va = lambda x, agg=agg: _loss("vanilla", agg, **no_dual)(old, x, adv, mask)  # noqa: E731
         torch.testing.assert_close(gs(lp), va(lp), rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(_grad(gs, lp), _grad(va, lp), rtol=1e-12, atol=1e-12)
 

@@ -82,10 +82,10 @@ def test_grouped_experts_match_the_per_expert_loop(world, dtype, atol, monkeypat
     ref, got = _run(loop, *args), _run(grouped, *args)
     assert len(calls) == 2, "the grouped path did not run"
     for name, a, b in zip(("output", "input grad", "probs grad"), ref[:3], got[:3]):
-        torch.testing.assert_close(b, a, atol=atol, rtol=0, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(b, a, atol=atol, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
     assert set(ref[3]) == set(got[3])
     for n in ref[3]:
-        torch.testing.assert_close(got[3][n], ref[3][n], atol=atol, rtol=0, msg=lambda m: f"{n}: {m}")
+        torch.testing.assert_close(got[3][n], ref[3][n], atol=atol, rtol=0, msg=lambda m, n=n: f"{n}: {m}")
     empty = [i for i, c in enumerate(COUNTS) if c == 0]
     for i in empty:  # experts without tokens: exactly zero gradient, as in the loop
         assert not got[3][f"local_experts.{i}.linear_fc1.weight"].any()
