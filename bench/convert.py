@@ -33,15 +33,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def model_cfg(layers: int) -> dict:
-    return dict(architecture="qwen3_moe", vocab_size=4096, hidden_size=256, num_layers=layers, num_attention_heads=4,
-                num_query_groups=2, head_dim=64, ffn_hidden_size=512, moe_ffn_hidden_size=128, num_experts=32,
-                moe_router_topk=4, norm_topk_prob=True, first_k_dense_layers=0, shared_expert_ffn_hidden_size=0,
-                rope_theta=1e6, norm_epsilon=1e-6, max_position_embeddings=256, tie_word_embeddings=False,
-                dtype="fp32")
+def model_cfg(layers: int):
+    from upgrpo_megatron.config.schema import ModelConfig
+
+    return ModelConfig(architecture="qwen3_moe", vocab_size=4096, hidden_size=256, num_layers=layers,
+                       num_attention_heads=4, num_query_groups=2, head_dim=64, ffn_hidden_size=512,
+                       moe_ffn_hidden_size=128, num_experts=32, moe_router_topk=4, norm_topk_prob=True,
+                       first_k_dense_layers=0, shared_expert_ffn_hidden_size=0, rope_theta=1e6, norm_epsilon=1e-6,
+                       max_position_embeddings=256, tie_word_embeddings=False, dtype="fp32")
 
 
-def make_hf(cfg: dict, out: Path) -> int:
+def make_hf(cfg, out: Path) -> int:
     """A random HF directory written directly from the mapping's shapes (no transformers model in memory)."""
     import torch
     from safetensors.torch import save_file

@@ -69,8 +69,10 @@ def point(base, key, value):
 
 
 def model_cfg(c):
-    return dict(architecture="qwen3_moe", rope_theta=1e6, max_position_embeddings=max(512, c["seq"]),
-                first_k_dense_layers=0, **{k: v for k, v in c.items() if k not in ("batch", "seq")})
+    from upgrpo_megatron.config.schema import ModelConfig
+
+    return ModelConfig(architecture="qwen3_moe", rope_theta=1e6, max_position_embeddings=max(512, c["seq"]),
+                       first_k_dense_layers=0, **{k: v for k, v in c.items() if k not in ("batch", "seq")})
 
 
 def params(c):

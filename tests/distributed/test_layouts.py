@@ -4,15 +4,18 @@ and grads.
 Real megatron-core GPTModel + DDP + finalize_model_grads under torchrun/gloo; the only thing that changes
 between runs is the parallel layout.
 """
+import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
 
+from upgrpo_megatron.config.schema import ModelConfig
+
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 WORKER = Path(__file__).with_name("worker_layouts.py")
-MODEL_CFG = dict(
+MODEL_CFG = ModelConfig(
     architecture="qwen3_moe", vocab_size=64, hidden_size=64, num_layers=2, num_attention_heads=4,
     num_query_groups=2, head_dim=16, ffn_hidden_size=128, moe_ffn_hidden_size=32, num_experts=4,
     moe_router_topk=2, rope_theta=10000.0, max_position_embeddings=64, first_k_dense_layers=0,
@@ -29,8 +32,10 @@ def reference(tmp_path_factory):
     g = torch.Generator().manual_seed(0)
     # Build the canonical weights once at TP=1 (in a worker, so this process stays free of process groups),
     # then perturb them so that no parameter keeps its trivial init (norm weights = 1).
-    torch.save({"model_cfg": MODEL_CFG, "state_dict": {}}, d / "empty.pt")
-    ids = torch.randint(0, MODEL_CFG["vocab_size"], (2, 16), generator=g)
+    # the .pt files hold the model section as a plain dict (weights_only loading); workers read it back with
+    # model_config_from_dict
+    torch.save({"model_cfg": dataclasses.asdict(MODEL_CFG), "state_dict": {}}, d / "empty.pt")
+    ids = torch.randint(0, MODEL_CFG.vocab_size, (2, 16), generator=g)
     torch.save(ids, d / "ids.pt")
     init = d / "init.pt"
     run_torchrun(Path(__file__).with_name("worker_init_weights.py"), 1,

@@ -12,7 +12,6 @@ import argparse
 
 import torch
 import torch.distributed as dist
-import yaml
 
 
 def make_tiny_hf(arch: str, out_dir, *, dtype=torch.float32, first_k_dense: int = 0, seed: int = 0,
@@ -75,7 +74,7 @@ def build(model_cfg, tp, ep):
 
     RouterReplay.clear_global_router_replay_instances()
     init_model_parallel(ParallelSizes(tp=tp, ep=ep, sequence_parallel=tp > 1))
-    return build_gpt_model(model_cfg, tp=tp, ep=ep, sequence_parallel=tp > 1, dtype=model_cfg.get("dtype", "fp32"))
+    return build_gpt_model(model_cfg, tp=tp, ep=ep, sequence_parallel=tp > 1, dtype=model_cfg.dtype)
 
 
 def cmd_logits(a):
@@ -111,7 +110,7 @@ def cmd_save(a):
         cfg = hf_config_to_model_cfg(json.loads((Path(d) / "config.json").read_text()))
         actor = MegatronActor(cfg, tp=a.tp, ep=a.ep, sequence_parallel=a.tp > 1, optim=OptimSettings(lr=0.0))
         load_hf_into_model(d, actor.module, cfg)
-        ids = torch.randint(0, cfg["vocab_size"], (2, 8), generator=torch.Generator().manual_seed(0))
+        ids = torch.randint(0, cfg.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
         pos = torch.arange(8).unsqueeze(0).expand_as(ids)
         actor.model.zero_grad_buffer()
         out = actor.model(ids, pos, None, labels=torch.nn.functional.pad(ids[:, 1:], (0, 1)))
@@ -125,12 +124,13 @@ def cmd_save(a):
 def cmd_load(a):
     from pathlib import Path
 
+    from upgrpo_megatron.config import read_model_config
     from upgrpo_megatron.megatron.checkpoint import load_checkpoint
 
     ids = torch.load(a.inputs, weights_only=True)
     out = {}
     for c in a.ckpt:
-        cfg = yaml.safe_load((Path(c) / "model_config.yaml").read_text())
+        cfg = read_model_config(Path(c) / "model_config.yaml")
         model = build(cfg, a.tp, a.ep)
         extra = load_checkpoint(c, model, model_cfg=cfg)
         out[c] = {"logits": full_logits(model, ids), "extra": extra}

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-MODEL_CFG = dict(
+# the model section as recipe keys: given as overrides to the recipe (counts) and as ModelConfig(**MODEL_KEYS)
+MODEL_KEYS = dict(
     architecture="qwen3_moe", vocab_size=64, hidden_size=64, num_layers=2, num_attention_heads=4,
     num_query_groups=2, head_dim=16, ffn_hidden_size=128, moe_ffn_hidden_size=32, num_experts=4,
     moe_router_topk=2, rope_theta=10000.0, max_position_embeddings=64, first_k_dense_layers=0,
@@ -28,16 +29,18 @@ STEPS, ROWS, PROMPT, RESPONSE = 3, 8, 4, 8
 def batches():
     g = torch.Generator().manual_seed(7)
     for _ in range(STEPS):
-        ids = torch.randint(0, MODEL_CFG["vocab_size"], (ROWS, PROMPT + RESPONSE), generator=g)
+        ids = torch.randint(0, MODEL_KEYS["vocab_size"], (ROWS, PROMPT + RESPONSE), generator=g)
         yield {"input_ids": ids, "prompt_lens": torch.full((ROWS,), PROMPT),
                "response_mask": torch.ones(ROWS, RESPONSE)}
 
 
 def actor(layout, distributed):
+    from upgrpo_megatron.config.schema import ModelConfig
     from upgrpo_megatron.megatron.actor import MegatronActor, OptimSettings
 
-    return MegatronActor(MODEL_CFG, tp=layout["tp"], ep=layout["ep"], sequence_parallel=layout["tp"] > 1,
-                         optim=OptimSettings(lr=1e-2, grad_clip=1.0), distributed_optimizer=distributed)
+    return MegatronActor(ModelConfig(**MODEL_KEYS), tp=layout["tp"], ep=layout["ep"],
+                         sequence_parallel=layout["tp"] > 1, optim=OptimSettings(lr=1e-2, grad_clip=1.0),
+                         distributed_optimizer=distributed)
 
 
 def train_step(a, batch):
@@ -71,7 +74,7 @@ def counts(name, layout, plain, dist_opt):
     from upgrpo_megatron.sizing import local_params, optimizer_state_numel
 
     cfg = load_recipe(Path(__file__).resolve().parents[2] / "recipes" / "qwen_moe.yaml",
-                      [f"model.{k}={v}" for k, v in MODEL_CFG.items()]
+                      [f"model.{k}={v}" for k, v in MODEL_KEYS.items()]
                       + [f"parallel.tp={layout['tp']}", f"parallel.ep={layout['ep']}"])
     lay = validate_layout(cfg, torch.distributed.get_world_size())
     ep_rank, dp_rank = ps.get_expert_model_parallel_rank(), ps.get_data_parallel_rank()

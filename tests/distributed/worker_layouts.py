@@ -8,6 +8,7 @@ import argparse
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
+from upgrpo_megatron.config import model_config_from_dict
 from upgrpo_megatron.megatron.logprobs import sequence_log_probs
 from upgrpo_megatron.megatron.model import build_gpt_model
 from upgrpo_megatron.megatron.parallel import ParallelSizes, init_model_parallel
@@ -23,7 +24,7 @@ ap.add_argument("--out", required=True)
 a = ap.parse_args()
 
 blob = torch.load(a.weights, weights_only=True)
-model_cfg, full = blob["model_cfg"], blob["state_dict"]
+model_cfg, full = model_config_from_dict(blob["model_cfg"], a.weights), blob["state_dict"]
 sp = a.tp > 1
 init_model_parallel(ParallelSizes(tp=a.tp, ep=a.ep, etp=a.etp, sequence_parallel=sp))
 model = build_gpt_model(model_cfg, tp=a.tp, ep=a.ep, etp=a.etp, sequence_parallel=sp)

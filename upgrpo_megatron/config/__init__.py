@@ -4,7 +4,15 @@
     layout = validate_layout(cfg, world_size=8)                      # Layout (tp, ep, etp, dp, ...)
 """
 
-from upgrpo_megatron.config.load import from_dict, load_recipe, parse_override, resolved_yaml, save_resolved
+from upgrpo_megatron.config.load import (
+    from_dict,
+    load_recipe,
+    model_config_from_dict,
+    parse_override,
+    read_model_config,
+    resolved_yaml,
+    save_resolved,
+)
 from upgrpo_megatron.config.schema import (
     ActorConfig,
     AlgorithmConfig,
@@ -34,6 +42,7 @@ __all__ = [
     "ActorConfig", "AlgorithmConfig", "ConfigError", "CorrectionConfig", "DataConfig", "DiagnosticsConfig", "Layout",
     "ModelConfig", "ParallelConfig", "RecipeConfig", "RolloutConfig", "SFTWarmupConfig", "TrainerConfig",
     "check_model_divides",
-    "choices", "from_dict", "get_key", "load_recipe", "parse_override", "resolved_yaml", "save_resolved", "to_dict",
+    "choices", "from_dict", "get_key", "load_recipe", "model_config_from_dict", "parse_override", "read_model_config",
+    "resolved_yaml", "save_resolved", "to_dict",
     "validate", "validate_for_cpu_engine", "validate_layout",
 ]

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-from upgrpo_megatron.config.schema import ConfigError, RecipeConfig, to_dict
+from upgrpo_megatron.config.schema import ConfigError, ModelConfig, RecipeConfig, to_dict
 from upgrpo_megatron.config.validate import validate
 
 
@@ -185,6 +185,21 @@ def from_dict(data: Dict[str, Any], where: str = "<dict>") -> RecipeConfig:
     _merge_into(cfg, data, where)
     validate(cfg)
     return cfg
+
+
+def model_config_from_dict(data: Dict[str, Any], where: str) -> ModelConfig:
+    """A model section stored as a mapping (a checkpoint's model_config.yaml, a `.pt` file's metadata) ->
+    `ModelConfig`, the one reading boundary (written back with `dataclasses.asdict`). Missing keys take their
+    defaults; an unknown key or a value of the wrong type is a `ConfigError` naming the key and `where`."""
+    cfg = ModelConfig()
+    _merge_into(cfg, data, where, "model.")
+    return cfg
+
+
+def read_model_config(path) -> ModelConfig:
+    """A checkpoint's model_config.yaml (written as `yaml.safe_dump(dataclasses.asdict(cfg))`) as a ModelConfig."""
+    path = Path(path)
+    return model_config_from_dict(yaml.safe_load(path.read_text()) or {}, str(path))
 
 
 def resolved_yaml(cfg: RecipeConfig) -> str:

@@ -4,10 +4,11 @@ conversion, loading HF weights into the actor, the final export and weight sync 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Iterator, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 
+from upgrpo_megatron.config.schema import ModelConfig
 from upgrpo_megatron.convert.hf_io import (
     ConversionError,
     HFReader,
@@ -31,25 +32,22 @@ _MODEL_KEYS = ("architecture", "vocab_size", "hidden_size", "num_layers", "num_a
                "shared_expert_ffn_hidden_size", "tie_word_embeddings")
 
 
-def _g(cfg, k, d=None):
-    return cfg.get(k, d) if isinstance(cfg, dict) else getattr(cfg, k, d)
-
-
-def check_compatible(hf_cfg: Dict, model_cfg, source: str) -> None:
+def check_compatible(hf_cfg: ModelConfig, model_cfg: ModelConfig, source: str) -> None:
     """The HF model must have the architecture the recipe describes."""
     for k in _MODEL_KEYS:
-        a, b = hf_cfg.get(k), _g(model_cfg, k)
-        if b is not None and a != b and not (k == "first_k_dense_layers" and not a and not b):
+        a, b = getattr(hf_cfg, k), getattr(model_cfg, k)
+        if a != b and not (k == "first_k_dense_layers" and not a and not b):
             raise ConversionError(f"{source}: {k}={a!r} does not match the recipe's model.{k}={b!r}")
 
 
-def iter_hf_as_megatron(reader: HFReader, model_cfg) -> Iterator[Tuple[str, torch.Tensor]]:
+def iter_hf_as_megatron(reader: HFReader, model_cfg: ModelConfig) -> Iterator[Tuple[str, torch.Tensor]]:
     """Canonical Megatron tensors built from an HF directory, one fused group at a time."""
     for name in canonical_names(model_cfg):
         yield name, hf_to_megatron(name, reader.get, model_cfg)
 
 
-def load_hf_into_model(hf_dir, module, model_cfg=None, *, show_progress: bool = False) -> Dict:
+def load_hf_into_model(hf_dir, module, model_cfg: Optional[ModelConfig] = None, *,
+                       show_progress: bool = False) -> ModelConfig:
     """Load an HF checkpoint into this rank's shards of `module`, one fused tensor group at a time.
 
     The directory is checked first (config fields, every tensor's presence and shape, from the safetensors
@@ -75,8 +73,8 @@ def load_hf_into_model(hf_dir, module, model_cfg=None, *, show_progress: bool = 
     return hf_model_cfg
 
 
-def save_hf_checkpoint(model_cfg, hf_tensors: Iterator[Tuple[str, torch.Tensor]], out_dir, *, tokenizer=None,
-                       overwrite: bool = False, **kw) -> Path:
+def save_hf_checkpoint(model_cfg: ModelConfig, hf_tensors: Iterator[Tuple[str, torch.Tensor]], out_dir, *,
+                       tokenizer=None, overwrite: bool = False, **kw) -> Path:
     """Write HF-named tensors (e.g. `megatron_to_hf_stream(cfg, iter_full_params(model))`) as an HF dir."""
     return write_hf_dir(model_cfg, hf_tensors, out_dir, tokenizer=tokenizer, overwrite=overwrite, **kw)
 

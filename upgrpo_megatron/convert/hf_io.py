@@ -16,6 +16,7 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 
+from upgrpo_megatron.config.schema import ModelConfig
 from upgrpo_megatron.convert.errors import ConversionError  # noqa: F401 (re-exported)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -95,8 +96,9 @@ def _model_dtype(hf: Dict[str, Any], source: str) -> str:
     return "bf16" if name == "bfloat16" else "fp32"
 
 
-def hf_config_to_model_cfg(hf: Dict[str, Any], source: str = "config.json") -> Dict[str, Any]:
-    """HF config.json -> the recipe's `model:` section. Unsupported features are refused by name."""
+def hf_config_to_model_cfg(hf: Dict[str, Any], source: str = "config.json") -> ModelConfig:
+    """HF config.json -> the recipe's `model:` section (the fields the HF config fixes; the others keep their
+    defaults). Unsupported features are refused by name."""
     mt = hf.get("model_type")
     if mt not in SUPPORTED:
         archs = hf.get("architectures")
@@ -105,75 +107,73 @@ def hf_config_to_model_cfg(hf: Dict[str, Any], source: str = "config.json") -> D
     _refuse_unsupported(hf, source)
     dense = sorted(hf.get("mlp_only_layers") or [])
     heads = int(hf["num_attention_heads"])
-    cfg = {
-        "architecture": mt,
-        "vocab_size": int(hf["vocab_size"]),
-        "hidden_size": int(hf["hidden_size"]),
-        "num_layers": int(hf["num_hidden_layers"]),
-        "num_attention_heads": heads,
-        "num_query_groups": int(hf.get("num_key_value_heads", heads)),
-        "head_dim": int(hf.get("head_dim") or hf["hidden_size"] // heads),
-        "ffn_hidden_size": int(hf.get("intermediate_size", hf.get("moe_intermediate_size"))),
-        "moe_ffn_hidden_size": int(hf["moe_intermediate_size"]),
-        "num_experts": int(hf["num_experts"] if "num_experts" in hf else hf["num_local_experts"]),
-        "moe_router_topk": int(hf["num_experts_per_tok"]),
-        "norm_topk_prob": bool(hf.get("norm_topk_prob", mt == "qwen3_moe")),
-        "first_k_dense_layers": len(dense),
-        "shared_expert_ffn_hidden_size": (
-            int(hf.get("shared_expert_intermediate_size", 0) or 0) if mt == "qwen2_moe" else 0
-        ),
-        "rope_theta": _rope_theta(hf),
-        "norm_epsilon": float(hf.get("rms_norm_eps", 1e-6)),
-        "max_position_embeddings": int(hf.get("max_position_embeddings", 4096)),
-        "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False)),
-        "moe_aux_loss_coeff": 0.0,
-        "dtype": _model_dtype(hf, source),
-    }
-    if mt == "qwen2_moe" and cfg["head_dim"] * heads != cfg["hidden_size"]:
+    shared = int(hf.get("shared_expert_intermediate_size", 0) or 0) if mt == "qwen2_moe" else 0
+    cfg = ModelConfig(
+        architecture=mt,
+        vocab_size=int(hf["vocab_size"]),
+        hidden_size=int(hf["hidden_size"]),
+        num_layers=int(hf["num_hidden_layers"]),
+        num_attention_heads=heads,
+        num_query_groups=int(hf.get("num_key_value_heads", heads)),
+        head_dim=int(hf.get("head_dim") or hf["hidden_size"] // heads),
+        ffn_hidden_size=int(hf.get("intermediate_size", hf.get("moe_intermediate_size"))),
+        moe_ffn_hidden_size=int(hf["moe_intermediate_size"]),
+        num_experts=int(hf["num_experts"] if "num_experts" in hf else hf["num_local_experts"]),
+        moe_router_topk=int(hf["num_experts_per_tok"]),
+        norm_topk_prob=bool(hf.get("norm_topk_prob", mt == "qwen3_moe")),
+        first_k_dense_layers=len(dense),
+        shared_expert_ffn_hidden_size=shared,
+        rope_theta=_rope_theta(hf),
+        norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
+        max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        moe_aux_loss_coeff=0.0,
+        dtype=_model_dtype(hf, source),
+    )
+    if mt == "qwen2_moe" and cfg.head_dim * heads != cfg.hidden_size:
         raise ConversionError(f"{source}: qwen2_moe needs head_dim * num_attention_heads == hidden_size")
     return cfg
 
 
-def _g(cfg, k, d=None):
-    return cfg.get(k, d) if isinstance(cfg, dict) else getattr(cfg, k, d)
+def _hf_dtype_name(cfg: ModelConfig) -> str:
+    return "bfloat16" if cfg.dtype == "bf16" else "float32"
 
 
-def model_cfg_to_hf_config(cfg, tokenizer=None) -> Dict[str, Any]:
-    arch = _g(cfg, "architecture", "qwen3_moe")
-    n_dense = int(_g(cfg, "first_k_dense_layers", 0) or 0)
+def model_cfg_to_hf_config(cfg: ModelConfig, tokenizer=None) -> Dict[str, Any]:
+    arch = cfg.architecture
     hf = {
         "architectures": [SUPPORTED[arch]],
         "model_type": arch,
-        "vocab_size": int(_g(cfg, "vocab_size")),
-        "hidden_size": int(_g(cfg, "hidden_size")),
-        "num_hidden_layers": int(_g(cfg, "num_layers")),
-        "num_attention_heads": int(_g(cfg, "num_attention_heads")),
-        "num_key_value_heads": int(_g(cfg, "num_query_groups")),
-        "head_dim": int(_g(cfg, "head_dim")),
-        "intermediate_size": int(_g(cfg, "ffn_hidden_size")),
-        "moe_intermediate_size": int(_g(cfg, "moe_ffn_hidden_size")),
-        "num_experts": int(_g(cfg, "num_experts")),
-        "num_experts_per_tok": int(_g(cfg, "moe_router_topk")),
-        "norm_topk_prob": bool(_g(cfg, "norm_topk_prob", True)),
+        "vocab_size": int(cfg.vocab_size),
+        "hidden_size": int(cfg.hidden_size),
+        "num_hidden_layers": int(cfg.num_layers),
+        "num_attention_heads": int(cfg.num_attention_heads),
+        "num_key_value_heads": int(cfg.num_query_groups),
+        "head_dim": int(cfg.head_dim),
+        "intermediate_size": int(cfg.ffn_hidden_size),
+        "moe_intermediate_size": int(cfg.moe_ffn_hidden_size),
+        "num_experts": int(cfg.num_experts),
+        "num_experts_per_tok": int(cfg.moe_router_topk),
+        "norm_topk_prob": bool(cfg.norm_topk_prob),
         "decoder_sparse_step": 1,
-        "mlp_only_layers": list(range(n_dense)),
-        "rope_theta": float(_g(cfg, "rope_theta", 1e6)),
-        "rms_norm_eps": float(_g(cfg, "norm_epsilon", 1e-6)),
-        "max_position_embeddings": int(_g(cfg, "max_position_embeddings", 4096)),
-        "tie_word_embeddings": bool(_g(cfg, "tie_word_embeddings", False)),
+        "mlp_only_layers": list(range(int(cfg.first_k_dense_layers))),
+        "rope_theta": float(cfg.rope_theta),
+        "rms_norm_eps": float(cfg.norm_epsilon),
+        "max_position_embeddings": int(cfg.max_position_embeddings),
+        "tie_word_embeddings": bool(cfg.tie_word_embeddings),
         "hidden_act": "silu",
         "attention_bias": arch == "qwen2_moe",
         "use_sliding_window": False,
         "output_router_logits": False,
-        "router_aux_loss_coef": float(_g(cfg, "moe_aux_loss_coeff", 0.0) or 0.0),
+        "router_aux_loss_coef": float(cfg.moe_aux_loss_coeff),
         # transformers 5 reads "dtype" (4.x "torch_dtype"); RoPE as both the 5.x and the legacy field
-        "dtype": "bfloat16" if _g(cfg, "dtype", "fp32") == "bf16" else "float32",
-        "torch_dtype": "bfloat16" if _g(cfg, "dtype", "fp32") == "bf16" else "float32",
-        "rope_parameters": {"rope_type": "default", "rope_theta": float(_g(cfg, "rope_theta", 1e6))},
-        "initializer_range": float(_g(cfg, "init_std", 0.02)),
+        "dtype": _hf_dtype_name(cfg),
+        "torch_dtype": _hf_dtype_name(cfg),
+        "rope_parameters": {"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
+        "initializer_range": float(cfg.init_std),
     }
     if arch == "qwen2_moe":
-        hf["shared_expert_intermediate_size"] = int(_g(cfg, "shared_expert_ffn_hidden_size", 0) or 0)
+        hf["shared_expert_intermediate_size"] = int(cfg.shared_expert_ffn_hidden_size)
         hf["qkv_bias"] = True
     from upgrpo_megatron.convert.token_ids import special_token_ids
 
@@ -296,8 +296,8 @@ class HFReader:
             raise ConversionError(f"{self.dir / self.where[name]}: cannot read tensor '{name}' ({e})") from None
 
 
-def _dtype_of(cfg) -> torch.dtype:
-    return torch.bfloat16 if _g(cfg, "dtype", "fp32") == "bf16" else torch.float32
+def _dtype_of(cfg: ModelConfig) -> torch.dtype:
+    return torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
 
 
 def check_output_dir(out_dir, overwrite: bool) -> Path:
@@ -310,7 +310,7 @@ def check_output_dir(out_dir, overwrite: bool) -> Path:
     return out
 
 
-def write_hf_dir(cfg, tensors: Iterator[Tuple[str, torch.Tensor]], out_dir, *, tokenizer=None,
+def write_hf_dir(cfg: ModelConfig, tensors: Iterator[Tuple[str, torch.Tensor]], out_dir, *, tokenizer=None,
                  overwrite: bool = False, max_shard_bytes: int = 2 * 1024**3, progress=None,
                  hf_config_extra: Optional[Dict[str, Any]] = None,
                  generation_config: Optional[Dict[str, Any]] = None) -> Path:

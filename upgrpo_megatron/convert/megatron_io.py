@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
-import yaml
 
+from upgrpo_megatron.config import ModelConfig, read_model_config
 from upgrpo_megatron.convert import torch_dist
 from upgrpo_megatron.convert.hf_io import (
     ConversionError,
@@ -233,7 +233,7 @@ class MegatronCheckpointReader:
         cfg_path = self.dir / "model_config.yaml"
         if not cfg_path.exists():
             raise ConversionError(f"checkpoint {self.dir}: no model_config.yaml (the model section it was saved with)")
-        self.model_cfg = yaml.safe_load(cfg_path.read_text()) or {}
+        self.model_cfg = read_model_config(cfg_path)
         meta = self.dir / "metadata.json"
         self.metadata = json.loads(meta.read_text()) if meta.exists() else {}
         self._source = _DirectSource(self.dir / "model") if direct else _DcpSource(self.dir / "model")
@@ -331,13 +331,13 @@ def _export(reader: MegatronCheckpointReader, out_dir, force: bool, max_shard_by
             pbar.close()
 
 
-def validate_layout(model_cfg: Dict, tp: int, ep: int, source: str) -> None:
+def validate_layout(model_cfg: ModelConfig, tp: int, ep: int, source: str) -> None:
     """The checkpoint must be loadable at the layout asked for: refuse sizes that do not divide."""
     checks = [("num_attention_heads", tp, "tp"), ("num_query_groups", tp, "tp"), ("vocab_size", tp, "tp"),
               ("ffn_hidden_size", tp, "tp"), ("num_experts", ep, "ep")]
     for key, size, flag in checks:
-        if int(model_cfg[key]) % size:
-            raise ConversionError(f"{source}: {key}={model_cfg[key]} is not divisible by --{flag} {size}")
+        if int(getattr(model_cfg, key)) % size:
+            raise ConversionError(f"{source}: {key}={getattr(model_cfg, key)} is not divisible by --{flag} {size}")
 
 
 def convert_hf_to_megatron(hf_dir, out_dir, *, tp: int = 1, ep: int = 1, force: bool = False,
@@ -375,14 +375,14 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _convert_streaming(reader: HFReader, out: Path, cfg: Dict, extra_files: Dict, tok, extra_state: Dict,
+def _convert_streaming(reader: HFReader, out: Path, cfg: ModelConfig, extra_files: Dict, tok, extra_state: Dict,
                        show_progress: bool) -> Path:
     """One process: canonical tensors go from the HF files straight into the checkpoint's `.distcp` file
     (hashed as it is written), then the checkpoint directory is completed and renamed into place."""
     from upgrpo_megatron.megatron.checkpoint import begin_checkpoint, finish_checkpoint
     from upgrpo_megatron.progress import progress
 
-    dtype = torch.bfloat16 if cfg["dtype"] == "bf16" else torch.float32
+    dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
     tmp = begin_checkpoint(out)
     try:
         bar = progress(_hf_as_megatron_rows(reader, cfg), desc="hf -> megatron", enabled=show_progress,
@@ -396,7 +396,7 @@ def _convert_streaming(reader: HFReader, out: Path, cfg: Dict, extra_files: Dict
         raise
 
 
-def _hf_as_megatron_rows(reader: HFReader, cfg: Dict):
+def _hf_as_megatron_rows(reader: HFReader, cfg: ModelConfig):
     """(canonical name, tensor) from the HF files; a SwiGLU `linear_fc1` as its [gate, up] row blocks (the
     mapping's fusion is their concatenation, and the checkpoint stores them as two chunks anyway)."""
     for name in canonical_names(cfg):
@@ -407,7 +407,7 @@ def _hf_as_megatron_rows(reader: HFReader, cfg: Dict):
             yield name, hf_to_megatron(name, reader.get, cfg)
 
 
-def _convert_in_parallel(hf_dir, out: Path, cfg: Dict, tp: int, ep: int, extra_files: Dict, tok,
+def _convert_in_parallel(hf_dir, out: Path, cfg: ModelConfig, tp: int, ep: int, extra_files: Dict, tok,
                          extra_state: Dict, show_progress: bool) -> Path:
     """Under torchrun: the model built at TP x EP, every rank loading and saving its shard."""
     import torch.distributed as dist
@@ -422,7 +422,7 @@ def _convert_in_parallel(hf_dir, out: Path, cfg: Dict, tp: int, ep: int, extra_f
         raise ConversionError(f"world size {world} is not divisible by --tp {tp} x --ep {ep}")
     sp = tp > 1
     init_model_parallel(ParallelSizes(tp=tp, ep=ep, sequence_parallel=sp))
-    config = build_transformer_config(cfg, tp=tp, ep=ep, sequence_parallel=sp, dtype=cfg["dtype"])
+    config = build_transformer_config(cfg, tp=tp, ep=ep, sequence_parallel=sp, dtype=cfg.dtype)
     config.perform_initialization = False  # every weight is overwritten from the HF files
     model = build_gpt_model(cfg, config=config)
     load_hf_into_model(hf_dir, model, cfg, show_progress=show_progress and dist.get_rank() == 0)

@@ -17,7 +17,7 @@ from typing import Callable, Dict, Iterator, List, Tuple
 
 import torch
 
-from upgrpo_megatron.megatron.model import model_shape
+from upgrpo_megatron.config.schema import ModelConfig
 
 Tensor = torch.Tensor
 
@@ -25,12 +25,11 @@ _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc1|linear_fc2)\.weight$")
 
 
-def _qkv_dims(cfg):
-    s = model_shape(cfg)
-    return s.num_attention_heads // s.num_query_groups, s.num_query_groups, s.head_dim
+def _qkv_dims(cfg: ModelConfig):
+    return cfg.num_attention_heads // cfg.num_query_groups, cfg.num_query_groups, cfg.head_dim
 
 
-def _split_qkv(t: Tensor, cfg) -> Tuple[Tensor, Tensor, Tensor]:
+def _split_qkv(t: Tensor, cfg: ModelConfig) -> Tuple[Tensor, Tensor, Tensor]:
     qpg, ng, hd = _qkv_dims(cfg)
     rest = t.shape[1:]
     g = t.reshape(ng, qpg + 2, hd, *rest)
@@ -40,7 +39,7 @@ def _split_qkv(t: Tensor, cfg) -> Tuple[Tensor, Tensor, Tensor]:
     return q.contiguous(), k.contiguous(), v.contiguous()
 
 
-def _fuse_qkv(q: Tensor, k: Tensor, v: Tensor, cfg) -> Tensor:
+def _fuse_qkv(q: Tensor, k: Tensor, v: Tensor, cfg: ModelConfig) -> Tensor:
     qpg, ng, hd = _qkv_dims(cfg)
     rest = q.shape[1:]
     parts = [q.reshape(ng, qpg, hd, *rest), k.reshape(ng, 1, hd, *rest), v.reshape(ng, 1, hd, *rest)]
@@ -70,9 +69,9 @@ _GLOBAL = {
 }
 
 
-def megatron_to_hf(name: str, tensor: Tensor, cfg) -> List[Tuple[str, Tensor]]:
+def megatron_to_hf(name: str, tensor: Tensor, cfg: ModelConfig) -> List[Tuple[str, Tensor]]:
     """One canonical Megatron tensor -> its HF tensors."""
-    arch = model_shape(cfg).architecture
+    arch = cfg.architecture
     if name in _GLOBAL:
         return [(_GLOBAL[name], tensor)]
     m = _LAYER.match(name)
@@ -102,7 +101,7 @@ def megatron_to_hf(name: str, tensor: Tensor, cfg) -> List[Tuple[str, Tensor]]:
     raise KeyError(f"no HF name for Megatron tensor '{name}'")
 
 
-def hf_sources(name: str, cfg) -> List[str]:
+def hf_sources(name: str, cfg: ModelConfig) -> List[str]:
     """The HF tensor names one canonical Megatron tensor is built from (in fusion order)."""
     dummy = {
         "self_attention.linear_qkv.weight": ["q_proj.weight", "k_proj.weight", "v_proj.weight"],
@@ -126,13 +125,13 @@ def hf_sources(name: str, cfg) -> List[str]:
     if rest in ("mlp.linear_fc1.weight", "mlp.shared_experts.linear_fc1.weight"):
         base = p + ("mlp." if rest.startswith("mlp.linear") else "mlp.shared_expert.")
         return [base + "gate_proj.weight", base + "up_proj.weight"]
-    lm = _layer_map(rest, model_shape(cfg).architecture)
+    lm = _layer_map(rest, cfg.architecture)
     if rest in lm:
         return [p + lm[rest]]
     raise KeyError(name)
 
 
-def hf_to_megatron(name: str, get: Callable[[str], Tensor], cfg) -> Tensor:
+def hf_to_megatron(name: str, get: Callable[[str], Tensor], cfg: ModelConfig) -> Tensor:
     """Build one canonical Megatron tensor from HF tensors read through `get(hf_name)`."""
     srcs = hf_sources(name, cfg)
     tensors = [get(s) for s in srcs]
@@ -143,19 +142,18 @@ def hf_to_megatron(name: str, get: Callable[[str], Tensor], cfg) -> Tensor:
     return tensors[0]
 
 
-def megatron_to_hf_stream(cfg, named_tensors: Iterator[Tuple[str, Tensor]]) -> Iterator[Tuple[str, Tensor]]:
+def megatron_to_hf_stream(cfg: ModelConfig,
+                          named_tensors: Iterator[Tuple[str, Tensor]]) -> Iterator[Tuple[str, Tensor]]:
     for name, t in named_tensors:
         yield from megatron_to_hf(name, t, cfg)
 
 
-def canonical_names(cfg) -> List[str]:
+def canonical_names(cfg: ModelConfig) -> List[str]:
     """Every canonical Megatron tensor name of the architecture, in model order."""
-    s = model_shape(cfg)
-    qwen2 = s.architecture == "qwen2_moe"
-    tied = bool(cfg.get("tie_word_embeddings", False) if isinstance(cfg, dict)
-                else getattr(cfg, "tie_word_embeddings", False))
+    qwen2 = cfg.architecture == "qwen2_moe"
+    tied = bool(cfg.tie_word_embeddings)
     names = ["embedding.word_embeddings.weight"]
-    for i in range(s.num_layers):
+    for i in range(cfg.num_layers):
         p = f"decoder.layers.{i}."
         names += [p + "input_layernorm.weight", p + "self_attention.linear_proj.weight",
                   p + "self_attention.linear_qkv.weight"]
@@ -164,14 +162,14 @@ def canonical_names(cfg) -> List[str]:
         else:
             names += [p + "self_attention.q_layernorm.weight", p + "self_attention.k_layernorm.weight"]
         names.append(p + "pre_mlp_layernorm.weight")
-        if i < s.first_k_dense_layers:
+        if i < cfg.first_k_dense_layers:
             names += [p + "mlp.linear_fc1.weight", p + "mlp.linear_fc2.weight"]
             continue
         names.append(p + "mlp.router.weight")
-        for e in range(s.num_experts):
+        for e in range(cfg.num_experts):
             names += [p + f"mlp.experts.local_experts.{e}.linear_fc1.weight",
                       p + f"mlp.experts.local_experts.{e}.linear_fc2.weight"]
-        if qwen2 and s.shared_expert_ffn_hidden_size:
+        if qwen2 and cfg.shared_expert_ffn_hidden_size:
             names += [p + "mlp.shared_experts.linear_fc1.weight", p + "mlp.shared_experts.linear_fc2.weight",
                       p + "mlp.shared_experts.gate_weight"]
     names.append("decoder.final_layernorm.weight")
@@ -180,16 +178,14 @@ def canonical_names(cfg) -> List[str]:
     return names
 
 
-def hf_shapes(cfg) -> Dict[str, Tuple[int, ...]]:
+def hf_shapes(cfg: ModelConfig) -> Dict[str, Tuple[int, ...]]:
     """Every HF tensor the architecture has, with the shape the config implies (names as `save_pretrained`
     writes them). Used to check an HF directory before anything is converted or written."""
-    s = model_shape(cfg)
-    h, hd, nq, nkv = s.hidden_size, s.head_dim, s.num_attention_heads, s.num_query_groups
-    qwen2 = s.architecture == "qwen2_moe"
-    tied = bool(cfg.get("tie_word_embeddings", False) if isinstance(cfg, dict)
-                else getattr(cfg, "tie_word_embeddings", False))
-    out: Dict[str, Tuple[int, ...]] = {"model.embed_tokens.weight": (s.vocab_size, h)}
-    for i in range(s.num_layers):
+    h, hd, nq, nkv = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_query_groups
+    qwen2 = cfg.architecture == "qwen2_moe"
+    tied = bool(cfg.tie_word_embeddings)
+    out: Dict[str, Tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
+    for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
         out.update({
             p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
@@ -201,22 +197,22 @@ def hf_shapes(cfg) -> Dict[str, Tuple[int, ...]]:
                         p + "self_attn.v_proj.bias": (nkv * hd,)})
         else:
             out.update({p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)})
-        if i < s.first_k_dense_layers:
-            f = s.ffn_hidden_size
+        if i < cfg.first_k_dense_layers:
+            f = cfg.ffn_hidden_size
             out.update({p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
                         p + "mlp.down_proj.weight": (h, f)})
             continue
-        out[p + "mlp.gate.weight"] = (s.num_experts, h)
-        f = s.moe_ffn_hidden_size
-        for e in range(s.num_experts):
+        out[p + "mlp.gate.weight"] = (cfg.num_experts, h)
+        f = cfg.moe_ffn_hidden_size
+        for e in range(cfg.num_experts):
             b = f"{p}mlp.experts.{e}."
             out.update({b + "gate_proj.weight": (f, h), b + "up_proj.weight": (f, h), b + "down_proj.weight": (h, f)})
-        if qwen2 and s.shared_expert_ffn_hidden_size:
-            f = s.shared_expert_ffn_hidden_size
+        if qwen2 and cfg.shared_expert_ffn_hidden_size:
+            f = cfg.shared_expert_ffn_hidden_size
             b = f"{p}mlp.shared_expert."
             out.update({b + "gate_proj.weight": (f, h), b + "up_proj.weight": (f, h), b + "down_proj.weight": (h, f),
                         p + "mlp.shared_expert_gate.weight": (1, h)})
     out["model.norm.weight"] = (h,)
     if not tied:
-        out["lm_head.weight"] = (s.vocab_size, h)
+        out["lm_head.weight"] = (cfg.vocab_size, h)
     return out

@@ -48,6 +48,7 @@ import torch.distributed.checkpoint.filesystem as dcp_fs
 import torch.distributed.checkpoint.metadata as dcp_md
 import torch.distributed.checkpoint.planner as dcp_planner
 
+from upgrpo_megatron.config.schema import ModelConfig
 from upgrpo_megatron.convert.hf_io import ConversionError
 from upgrpo_megatron.convert.qwen_moe import canonical_names, hf_shapes, hf_sources
 from upgrpo_megatron.convert.safetensors_stream import BackgroundWriter
@@ -103,7 +104,8 @@ def checkpoint_key(name: str) -> Tuple[str, Optional[int]]:
     return name, None
 
 
-def canonical_shape(name: str, cfg, shapes: Optional[Dict[str, Tuple[int, ...]]] = None) -> Tuple[int, ...]:
+def canonical_shape(name: str, cfg: ModelConfig,
+                    shapes: Optional[Dict[str, Tuple[int, ...]]] = None) -> Tuple[int, ...]:
     """Shape of a canonical tensor: its HF sources fused along the first dim (QKV, gate/up) or the one source.
     `shapes`: `hf_shapes(cfg)`, when the caller has it."""
     shapes = shapes if shapes is not None else hf_shapes(cfg)
@@ -111,14 +113,10 @@ def canonical_shape(name: str, cfg, shapes: Optional[Dict[str, Tuple[int, ...]]]
     return (sum(s[0] for s in srcs), *srcs[0][1:])
 
 
-def _num_experts(cfg) -> int:
-    return int(cfg["num_experts"] if isinstance(cfg, dict) else cfg.num_experts)
-
-
-def plan(cfg) -> Tuple[List[Placement], List[str]]:
+def plan(cfg: ModelConfig) -> Tuple[List[Placement], List[str]]:
     """The checkpoint megatron writes for this model at TP = EP = 1: every canonical tensor's placement (in
     model order) and the unique keys of the `_extra_state` byte objects."""
-    n_exp = _num_experts(cfg)
+    n_exp = cfg.num_experts
     shapes = hf_shapes(cfg)
     tensors, objects = [], []
     for name in canonical_names(cfg):
@@ -314,7 +312,7 @@ class TorchDistWriter:
     returns {file relative to the checkpoint root: sha256} of the files written (the distcp file is hashed
     while it is written, never read back)."""
 
-    def __init__(self, model_dir, cfg, dtype: torch.dtype):
+    def __init__(self, model_dir, cfg: ModelConfig, dtype: torch.dtype):
         self.dir = Path(model_dir)
         self.dtype = dtype
         placements, self.objects = plan(cfg)
@@ -674,7 +672,8 @@ def _tensor_from_archive(buf, start: int, length: int) -> torch.Tensor:
     return _view(buf, start, _archive_layout(buf, start, length))
 
 
-def write_model(model_dir, cfg, dtype: torch.dtype, tensors: Iterable[Tuple[str, torch.Tensor]]) -> Dict[str, str]:
+def write_model(model_dir, cfg: ModelConfig, dtype: torch.dtype,
+                tensors: Iterable[Tuple[str, torch.Tensor]]) -> Dict[str, str]:
     """Write every canonical tensor of `cfg` (from `tensors`) as a torch_dist checkpoint into `model_dir`.
     Returns {relative path: sha256} of the big file (see `TorchDistWriter.close`)."""
     writer = TorchDistWriter(model_dir, cfg, dtype)

@@ -16,6 +16,7 @@ a crash at any point leaves either the previous checkpoints untouched or a `.tmp
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -30,6 +31,7 @@ from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 
 from upgrpo_megatron import console
+from upgrpo_megatron.config import read_model_config
 from upgrpo_megatron.errors import UpgrpoError
 
 FORMAT_VERSION = 1
@@ -66,12 +68,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _model_cfg_dict(model_cfg) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(model_cfg) if dataclasses.is_dataclass(model_cfg) else dict(model_cfg)
 
 
 def save_checkpoint(path, module, *, optimizer=None, extra_state: Optional[dict] = None, model_cfg=None,
@@ -136,10 +132,10 @@ def finish_checkpoint(tmp, path, *, layout: dict, extra_state: Optional[dict] = 
         shutil.copyfile(src, tmp / name)
     meta = {"format_version": FORMAT_VERSION, "format": "megatron-core dist_checkpointing (torch_dist)",
             "step": (extra_state or {}).get("step"), **{k: layout[k] for k in ("world_size", "tp", "ep", "etp")},
-            "architecture": _model_cfg_dict(model_cfg).get("architecture") if model_cfg is not None else None}
+            "architecture": model_cfg.architecture if model_cfg is not None else None}
     (tmp / "metadata.json").write_text(json.dumps(meta, indent=2))
     if model_cfg is not None:
-        (tmp / "model_config.yaml").write_text(yaml.safe_dump(_model_cfg_dict(model_cfg), sort_keys=False))
+        (tmp / "model_config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(model_cfg), sort_keys=False))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
@@ -242,13 +238,12 @@ def check_architecture(path, model_cfg) -> None:
         return
     cfg_path = Path(path) / "model_config.yaml"
     if cfg_path.exists():
-        saved = yaml.safe_load(cfg_path.read_text()) or {}
-        want = _model_cfg_dict(model_cfg)
+        saved = read_model_config(cfg_path)
         for k in ("architecture", "hidden_size", "num_layers", "num_experts", "num_attention_heads",
                   "num_query_groups", "head_dim", "moe_ffn_hidden_size", "vocab_size"):
-            if k in saved and saved[k] != want.get(k):
-                raise CheckpointError(f"checkpoint {path} is for another model: {k}={saved[k]!r}, the recipe has "
-                                      f"model.{k}={want.get(k)!r}")
+            if getattr(saved, k) != getattr(model_cfg, k):
+                raise CheckpointError(f"checkpoint {path} is for another model: {k}={getattr(saved, k)!r}, the "
+                                      f"recipe has model.{k}={getattr(model_cfg, k)!r}")
 
 
 def load_checkpoint(path, module, *, optimizer=None, model_cfg=None) -> dict:

@@ -15,7 +15,6 @@ loop. Everything else is identical between the two.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -28,6 +27,7 @@ from megatron.core.transformer.enums import AttnBackend, AttnMaskType
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from upgrpo_megatron.config.schema import ModelConfig
 from upgrpo_megatron.megatron import compat
 from upgrpo_megatron.megatron.experts import GroupedSequentialMLP
 
@@ -102,60 +102,12 @@ class PolicyGPTModel(GPTModel):
         return torch.stack([lp, ent], dim=-1).transpose(0, 1)
 
 
-def cfg_get(model_cfg: Any, key: str, default: Any = None) -> Any:
-    """A key of the recipe's model section, given as a dict or a dataclass."""
-    return model_cfg.get(key, default) if isinstance(model_cfg, dict) else getattr(model_cfg, key, default)
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What the rest of the code needs to know about the model, independent of parallelism."""
-
-    architecture: str
-    vocab_size: int
-    hidden_size: int
-    num_layers: int
-    num_attention_heads: int
-    num_query_groups: int
-    head_dim: int
-    ffn_hidden_size: int
-    moe_ffn_hidden_size: int
-    num_experts: int
-    topk: int
-    first_k_dense_layers: int
-    shared_expert_ffn_hidden_size: int = 0
-
-    @property
-    def moe_layers(self) -> list[int]:
-        """0-based indices of the MoE layers (the dense first layers have no router)."""
-        return list(range(self.first_k_dense_layers, self.num_layers))
-
-
-def model_shape(model_cfg: Any) -> ModelShape:
-    g = lambda k, d=0: cfg_get(model_cfg, k, d)  # noqa: E731
-    return ModelShape(
-        architecture=g("architecture", "qwen3_moe"),
-        vocab_size=int(g("vocab_size")),
-        hidden_size=int(g("hidden_size")),
-        num_layers=int(g("num_layers")),
-        num_attention_heads=int(g("num_attention_heads")),
-        num_query_groups=int(g("num_query_groups")),
-        head_dim=int(g("head_dim")),
-        ffn_hidden_size=int(g("ffn_hidden_size")),
-        moe_ffn_hidden_size=int(g("moe_ffn_hidden_size")),
-        num_experts=int(g("num_experts")),
-        topk=int(g("moe_router_topk")),
-        first_k_dense_layers=int(g("first_k_dense_layers", 0) or 0),
-        shared_expert_ffn_hidden_size=int(g("shared_expert_ffn_hidden_size", 0) or 0),
-    )
-
-
 def _dtype(name: str) -> torch.dtype:
     return {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}[name]
 
 
 def build_transformer_config(
-    model_cfg: Any,
+    model_cfg: ModelConfig,
     *,
     tp: int = 1,
     ep: int = 1,
@@ -165,23 +117,21 @@ def build_transformer_config(
     router_replay: bool = True,
 ) -> TransformerConfig:
     """The single place where the recipe's model section becomes a megatron `TransformerConfig`."""
-    s = model_shape(model_cfg)
-    get = lambda k, d=None: cfg_get(model_cfg, k, d)  # noqa: E731
     params_dtype = _dtype(dtype)
     on_gpu = compat.cuda_available()
-    moe_layer_freq = [0] * s.first_k_dense_layers + [1] * (s.num_layers - s.first_k_dense_layers)
-    aux = float(get("moe_aux_loss_coeff", 0.0) or 0.0)
-    qwen2 = s.architecture == "qwen2_moe"
+    moe_layer_freq = [0] * model_cfg.first_k_dense_layers + [1] * model_cfg.num_moe_layers
+    aux = float(model_cfg.moe_aux_loss_coeff)
+    qwen2 = model_cfg.architecture == "qwen2_moe"
     kwargs = dict(
-        num_layers=s.num_layers,
-        hidden_size=s.hidden_size,
-        num_attention_heads=s.num_attention_heads,
-        num_query_groups=s.num_query_groups,
-        kv_channels=s.head_dim,
-        ffn_hidden_size=s.ffn_hidden_size,
+        num_layers=model_cfg.num_layers,
+        hidden_size=model_cfg.hidden_size,
+        num_attention_heads=model_cfg.num_attention_heads,
+        num_query_groups=model_cfg.num_query_groups,
+        kv_channels=model_cfg.head_dim,
+        ffn_hidden_size=model_cfg.ffn_hidden_size,
         # attention / MLP shape
         normalization="RMSNorm",
-        layernorm_epsilon=float(get("norm_epsilon", 1e-6)),
+        layernorm_epsilon=float(model_cfg.norm_epsilon),
         qk_layernorm=not qwen2,
         add_bias_linear=False,
         add_qkv_bias=qwen2,
@@ -189,15 +139,15 @@ def build_transformer_config(
         activation_func=F.silu,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        init_method_std=float(get("init_std", 0.02)),
+        init_method_std=float(model_cfg.init_std),
         # MoE
-        num_moe_experts=s.num_experts,
-        moe_ffn_hidden_size=s.moe_ffn_hidden_size,
-        moe_router_topk=s.topk,
+        num_moe_experts=model_cfg.num_experts,
+        moe_ffn_hidden_size=model_cfg.moe_ffn_hidden_size,
+        moe_router_topk=model_cfg.moe_router_topk,
         moe_router_score_function="softmax",
         # top-k then softmax over the k == HF norm_topk_prob=True (Qwen3); softmax over all experts then
         # top-k without renormalising == norm_topk_prob=False (Qwen2-MoE)
-        moe_router_pre_softmax=not bool(get("norm_topk_prob", True)),
+        moe_router_pre_softmax=not bool(model_cfg.norm_topk_prob),
         moe_router_load_balancing_type="aux_loss" if aux > 0 else "none",
         moe_aux_loss_coeff=aux,
         moe_router_dtype="fp32",
@@ -226,9 +176,9 @@ def build_transformer_config(
         attention_softmax_in_fp32=True,
         attention_backend=AttnBackend.auto if compat.have_transformer_engine() else AttnBackend.local,
     )
-    if qwen2 and s.shared_expert_ffn_hidden_size:
+    if qwen2 and model_cfg.shared_expert_ffn_hidden_size:
         kwargs.update(
-            moe_shared_expert_intermediate_size=s.shared_expert_ffn_hidden_size,
+            moe_shared_expert_intermediate_size=model_cfg.shared_expert_ffn_hidden_size,
             moe_shared_expert_gate=True,
             moe_shared_expert_overlap=False,
         )
@@ -256,20 +206,18 @@ def _local_block_spec(config: TransformerConfig):
 
 
 def build_gpt_model(
-    model_cfg: Any,
+    model_cfg: ModelConfig,
     config: Optional[TransformerConfig] = None,
     **config_kwargs: Any,
 ) -> GPTModel:
     """Build the Qwen-MoE-shaped GPTModel on this rank (parallel_state must be initialised).
 
     Args:
-        model_cfg: the recipe's `model` section (dataclass or dict).
+        model_cfg: the recipe's `model` section.
         config: a prebuilt TransformerConfig; otherwise built with `build_transformer_config(**config_kwargs)`.
     """
     if config is None:
         config = build_transformer_config(model_cfg, **config_kwargs)
-    s = model_shape(model_cfg)
-    get = lambda k, d=None: cfg_get(model_cfg, k, d)  # noqa: E731
     if compat.have_transformer_engine():
         spec = get_gpt_decoder_block_spec(config, use_transformer_engine=True, normalization="RMSNorm")
     else:
@@ -277,14 +225,14 @@ def build_gpt_model(
     model = PolicyGPTModel(
         config=config,
         transformer_layer_spec=spec,
-        vocab_size=s.vocab_size,
-        max_sequence_length=int(get("max_position_embeddings", 4096)),
+        vocab_size=model_cfg.vocab_size,
+        max_sequence_length=int(model_cfg.max_position_embeddings),
         pre_process=True,
         post_process=True,
         parallel_output=True,
-        share_embeddings_and_output_weights=bool(get("tie_word_embeddings", False)),
+        share_embeddings_and_output_weights=bool(model_cfg.tie_word_embeddings),
         position_embedding_type="rope",
-        rotary_base=int(float(get("rope_theta", 1e6))),
+        rotary_base=int(float(model_cfg.rope_theta)),
     )
     # megatron-core 0.16 marks expert weights as dense (`allreduce=True`) when EP == 1, so DDP reduces them
     # over the dense DP group only; with ETP < TP the experts are replicated over TP ranks that each saw a

@@ -48,6 +48,22 @@ def test_resolved_config_round_trips(tmp_path, recipe):
     assert "source" not in to_dict(cfg)
 
 
+def test_model_section_stored_as_a_mapping_reads_back_as_model_config():
+    import dataclasses
+
+    from upgrpo_megatron.config import ModelConfig, model_config_from_dict
+
+    cfg = ModelConfig(num_layers=3, first_k_dense_layers=1, dtype="bf16")
+    assert model_config_from_dict(dataclasses.asdict(cfg), "ckpt/model_config.yaml") == cfg
+    # what the converter wrote before it used ModelConfig (no hf_path, init_std): the defaults fill them in
+    old = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("hf_path", "init_std")}
+    assert model_config_from_dict(old, "ckpt/model_config.yaml") == cfg
+    with pytest.raises(ConfigError, match=r"unknown key 'model.num_layer' in ckpt/model_config.yaml .*num_layers'"):
+        model_config_from_dict({"num_layer": 3}, "ckpt/model_config.yaml")
+    with pytest.raises(ConfigError, match=r"model.num_experts in w.pt: expected an integer"):
+        model_config_from_dict({"num_experts": "many"}, "w.pt")
+
+
 def test_inherit_overrides_only_what_differs(tmp_path):
     child = tmp_path / "child.yaml"
     child.write_text(f"inherit: {RECIPE}\nalgorithm:\n  loss_mode: vanilla\n")

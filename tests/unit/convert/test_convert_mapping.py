@@ -1,11 +1,12 @@
 """The HF <-> Megatron mapping itself (no model, no process group): QKV interleave per query group, gate/up
 fusion, every tensor of both architectures round-tripping through the mapping, and config.json fields
 refused by name."""
-import copy
+import dataclasses
 
 import pytest
 import torch
 
+from upgrpo_megatron.config.schema import ModelConfig
 from upgrpo_megatron.convert import (
     ConversionError,
     canonical_names,
@@ -17,13 +18,13 @@ from upgrpo_megatron.convert import (
     model_cfg_to_hf_config,
 )
 
-QWEN3 = dict(architecture="qwen3_moe", vocab_size=96, hidden_size=64, num_layers=3, num_attention_heads=4,
-             num_query_groups=2, head_dim=16, ffn_hidden_size=96, moe_ffn_hidden_size=32, num_experts=4,
-             moe_router_topk=2, norm_topk_prob=True, first_k_dense_layers=1, shared_expert_ffn_hidden_size=0,
-             rope_theta=5e5, norm_epsilon=1e-6, max_position_embeddings=64, tie_word_embeddings=False,
-             moe_aux_loss_coeff=0.0, dtype="fp32")
-QWEN2 = dict(QWEN3, architecture="qwen2_moe", norm_topk_prob=False, first_k_dense_layers=0,
-             shared_expert_ffn_hidden_size=48, dtype="bf16")
+QWEN3 = ModelConfig(architecture="qwen3_moe", vocab_size=96, hidden_size=64, num_layers=3, num_attention_heads=4,
+                    num_query_groups=2, head_dim=16, ffn_hidden_size=96, moe_ffn_hidden_size=32, num_experts=4,
+                    moe_router_topk=2, norm_topk_prob=True, first_k_dense_layers=1, shared_expert_ffn_hidden_size=0,
+                    rope_theta=5e5, norm_epsilon=1e-6, max_position_embeddings=64, tie_word_embeddings=False,
+                    moe_aux_loss_coeff=0.0, dtype="fp32")
+QWEN2 = dataclasses.replace(QWEN3, architecture="qwen2_moe", norm_topk_prob=False, first_k_dense_layers=0,
+                            shared_expert_ffn_hidden_size=48, dtype="bf16")
 
 
 def test_qkv_rows_are_interleaved_per_query_group():
@@ -75,13 +76,12 @@ def test_model_section_survives_hf_config_and_transformers_reads_it(cfg):
 
     hf = model_cfg_to_hf_config(cfg)
     back = hf_config_to_model_cfg(hf)
-    for k, v in cfg.items():
-        if k != "moe_aux_loss_coeff":
-            assert back[k] == v, k
+    assert isinstance(back, ModelConfig)
+    assert back == cfg  # every field the HF config fixes comes back; the others (hf_path, init_std) are defaults
     tcfg = transformers.AutoConfig.for_model(**hf)
-    assert tcfg.num_experts == cfg["num_experts"] and tcfg.num_hidden_layers == cfg["num_layers"]
-    assert tcfg.rope_parameters["rope_theta"] == cfg["rope_theta"]
-    assert list(tcfg.mlp_only_layers) == list(range(cfg["first_k_dense_layers"]))
+    assert tcfg.num_experts == cfg.num_experts and tcfg.num_hidden_layers == cfg.num_layers
+    assert tcfg.rope_parameters["rope_theta"] == cfg.rope_theta
+    assert list(tcfg.mlp_only_layers) == list(range(cfg.first_k_dense_layers))
 
 
 def _hf(**over):
@@ -117,12 +117,12 @@ def test_missing_required_field_is_named():
 
 def test_first_k_dense_layers_map_to_mlp_only_prefix():
     cfg = hf_config_to_model_cfg(_hf(mlp_only_layers=[0, 1]))
-    assert cfg["first_k_dense_layers"] == 2
+    assert cfg.first_k_dense_layers == 2
     names = canonical_names(cfg)
     assert "decoder.layers.1.mlp.linear_fc1.weight" in names and "decoder.layers.1.mlp.router.weight" not in names
     assert "decoder.layers.2.mlp.router.weight" in names
 
 
 def test_tied_embeddings_have_no_output_layer():
-    cfg = dict(copy.deepcopy(QWEN3), tie_word_embeddings=True)
+    cfg = dataclasses.replace(QWEN3, tie_word_embeddings=True)
     assert "output_layer.weight" not in canonical_names(cfg) and "lm_head.weight" not in hf_shapes(cfg)

@@ -39,7 +39,7 @@ def megatron_saved(tmp_path_factory):
     for arch, dtype in (("qwen3_moe", torch.float32), ("qwen2_moe", torch.bfloat16)):
         hf = make_tiny_hf(arch, d / arch / "hf", dtype=dtype, first_k_dense=1)
         cfg = _cfg(hf)
-        model = build_gpt_model(cfg, dtype=cfg["dtype"])
+        model = build_gpt_model(cfg, dtype=cfg.dtype)
         load_hf_into_model(hf, model, cfg)
         (d / arch / "megatron").mkdir()
         dist_checkpointing.save(model.sharded_state_dict(), str(d / arch / "megatron"))
@@ -61,7 +61,7 @@ def _layout(model_dir):
 def _write(hf_dir, cfg, out_dir):
     hf = HFReader(hf_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    dtype = torch.bfloat16 if cfg["dtype"] == "bf16" else torch.float32
+    dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
     return td.write_model(out_dir, cfg, dtype, ((n, hf_to_megatron(n, hf.get, cfg)) for n in canonical_names(cfg)))
 
 

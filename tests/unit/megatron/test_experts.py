@@ -6,11 +6,12 @@ Runs in this process on a world of one (gloo)."""
 import pytest
 import torch
 
+from upgrpo_megatron.config.schema import ModelConfig
 from upgrpo_megatron.megatron.model import build_transformer_config
 
-CFG = dict(architecture="qwen3_moe", vocab_size=64, hidden_size=48, num_layers=2, num_attention_heads=4,
-           num_query_groups=2, head_dim=16, ffn_hidden_size=96, moe_ffn_hidden_size=40, num_experts=8,
-           moe_router_topk=2, rope_theta=10000.0, max_position_embeddings=64, first_k_dense_layers=0)
+CFG = ModelConfig(architecture="qwen3_moe", vocab_size=64, hidden_size=48, num_layers=2, num_attention_heads=4,
+                  num_query_groups=2, head_dim=16, ffn_hidden_size=96, moe_ffn_hidden_size=40, num_experts=8,
+                  moe_router_topk=2, rope_theta=10000.0, max_position_embeddings=64, first_k_dense_layers=0)
 # tokens per expert: several experts without tokens, one with a single token
 COUNTS = [5, 0, 7, 1, 0, 9, 0, 3]
 
@@ -30,7 +31,7 @@ def _experts(cls, dtype=torch.float32):
 
     config = build_transformer_config(CFG, dtype="bf16" if dtype == torch.bfloat16 else "fp32")
     sub = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
-    return cls(CFG["num_experts"], config, sub, pg_collection=ProcessGroupCollection.use_mpu_process_groups())
+    return cls(CFG.num_experts, config, sub, pg_collection=ProcessGroupCollection.use_mpu_process_groups())
 
 
 def _pair(dtype=torch.float32):
@@ -62,9 +63,9 @@ def _run(module, x, probs, grad_out):
 def _inputs(dtype):
     g = torch.Generator().manual_seed(1)
     n = sum(COUNTS)
-    x = torch.randn(n, CFG["hidden_size"], generator=g).to(dtype)
+    x = torch.randn(n, CFG.hidden_size, generator=g).to(dtype)
     probs = torch.rand(n, generator=g)  # router probabilities stay fp32
-    grad_out = torch.randn(n, CFG["hidden_size"], generator=g).to(dtype)
+    grad_out = torch.randn(n, CFG.hidden_size, generator=g).to(dtype)
     return x, probs, grad_out
 
 
@@ -135,7 +136,7 @@ def test_the_local_spec_uses_grouped_experts_with_the_loops_parameter_names(worl
     model = build_gpt_model(CFG)
     assert all(isinstance(layer.mlp.experts, GroupedSequentialMLP) for layer in model.decoder.layers)
     names = dict(model.named_parameters())
-    for e in range(CFG["num_experts"]):
+    for e in range(CFG.num_experts):
         assert names[f"decoder.layers.1.mlp.experts.local_experts.{e}.linear_fc1.weight"].shape == (80, 48)
         assert names[f"decoder.layers.1.mlp.experts.local_experts.{e}.linear_fc2.weight"].shape == (48, 40)
     keys = set(model.sharded_state_dict())  # the checkpoint layout is the loop's (stacked per layer)
