@@ -83,6 +83,9 @@ def test_paired_differences_use_the_same_seed(tmp_path):
     arm = {1: run_stats(_run(tmp_path / "a1", [0.3, 0.35, 0.35, 0.35, 0.35])),
            2: run_stats(_run(tmp_path / "a2", [0.5, 0.55, 0.55, 0.55, 0.55]))}
     assert base[1]["final_acc"] == pytest.approx(0.3) and arm[2]["final_acc"] == pytest.approx(0.55)
+    # what RL added to the post-SFT model: the last 4 evals' mean minus the step-0 eval
+    assert arm[2]["start_mean@8"] == pytest.approx(0.49) and arm[2]["gain@8"] == pytest.approx(0.05)
+    assert base[1]["gain@8"] == pytest.approx(0.0, abs=1e-12)
     # the seeds disagree by 0.2 in level but the arm beats its paired baseline by exactly 0.05 in both
     lines, rows = block_tables("A", "base", {"base": base, "arm": arm})
     diff = [r for r in rows if r[1] == "arm" and r[2] == "final_acc" and r[3] == "diff_vs_base"][0]

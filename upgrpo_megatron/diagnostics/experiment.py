@@ -3,6 +3,7 @@
 Per run (from metrics.jsonl):
     final_acc       mean of the last 4 greedy evals (val/acc): less noisy than the last one, unbiased unlike a peak
     final_mean@k    the same for val/mean@k (k samples per problem at the training temperature), when logged
+    start_acc / start_mean@k   the evals of the post-SFT model (step 0); gain@k = final_mean@k - start_mean@k
     auc             area under the val/mean@k curve (val/acc when absent) over the RL steps, divided by their number
     peak_acc        the highest greedy eval (biased upwards: the max of noisy evals; reported, not compared)
     kl_ref          mean KL to the reference (actor/kl_loss) over the last 10 steps
@@ -66,6 +67,8 @@ def run_stats(run_dir: Path, k: int = 8) -> Dict[str, Optional[float]]:
         "auc": auc,
         "peak_acc": float(max(acc)) if acc else None,
         "start_acc": float(acc[0]) if acc and xs[0] == 0 else None,
+        f"start_mean@{k}": float(mean_k[0]) if mean_k and mxs[0] == 0 else None,
+        f"gain@{k}": float(np.mean(mean_k[-4:]) - mean_k[0]) if mean_k and mxs[0] == 0 else None,
         "kl_ref": _mean_last(rl, "actor/kl_loss", 10),
         "entropy": _mean_last(rl, "actor/entropy", 10),
         "clipfrac": _mean_last(rl, "actor/pg_clipfrac", len(rl)),
@@ -76,7 +79,8 @@ def run_stats(run_dir: Path, k: int = 8) -> Dict[str, Optional[float]]:
     }
 
 
-METRICS = ["final_acc", "final_mean@8", "auc", "peak_acc", "kl_ref", "entropy", "clipfrac", "pos_above_clip",
+METRICS = ["start_acc", "start_mean@8", "final_acc", "final_mean@8", "gain@8", "auc", "peak_acc", "kl_ref", "entropy",
+           "clipfrac", "pos_above_clip",
            "ratio_var_pos", "ratio_var_neg", "mismatch"]
 COMPARED = ["final_acc", "final_mean@8", "auc"]  # the paired differences reported per arm
 
