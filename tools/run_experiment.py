@@ -1,7 +1,7 @@
 """Run an experiment (a grid of arms x seeds, see `upgrpo_megatron/experiment_plan.py`) and write its results.
 
     python tools/run_experiment.py experiments/miniature.yaml [--out runs/experiments/miniature]
-                                   [--blocks A B] [--seeds 1 2] [--analyze-only] [--dry-run]
+                                   [--blocks A B] [--seeds 1 2] [--arms dapo up_grpo] [--analyze-only] [--dry-run]
 
 Runs one at a time (each with the machine to itself), each seed's SFT job first; finished runs (a DONE file in
 their run directory) are kept, so an interrupted experiment continues where it stopped. Then writes
@@ -38,6 +38,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="default: runs/experiments/<name>")
     ap.add_argument("--blocks", nargs="*", default=[])
     ap.add_argument("--seeds", nargs="*", type=int, default=[])
+    ap.add_argument("--arms", nargs="*", default=[], help="only these arms (their seeds' SFT jobs still run)")
     ap.add_argument("--analyze-only", action="store_true", help="only write the results of the finished runs")
     ap.add_argument("--dry-run", action="store_true", help="list the runs and their overrides, run nothing")
     ap.add_argument("--debug", action="store_true")
@@ -51,6 +52,7 @@ def main(argv=None) -> int:
         exp = load_experiment(a.experiment)
         out = Path(a.out or ROOT / "runs" / "experiments" / exp.name)
         runs = plan(exp, out, blocks=a.blocks, seeds=a.seeds)
+        runs = [r for r in runs if r.kind == "sft" or not a.arms or r.arm in a.arms]
         if a.dry_run:
             for r in runs:
                 print(f"{'done' if r.done else 'todo'}  {r.run_dir}  {' '.join(r.overrides)}")
