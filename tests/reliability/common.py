@@ -114,6 +114,22 @@ class Trainer:
         self._fh.close()
 
 
+def engine_processes(proc) -> list:
+    """vLLM's processes under `proc` (a psutil.Process: a trainer rank or the launcher; they retitle themselves
+    VLLM::EngineCore, VLLM::Worker); not the trainer's other helpers (dist_checkpointing's writer manager,
+    multiprocessing's resource tracker)."""
+    import psutil
+
+    out = []
+    for p in proc.children(recursive=True):
+        try:
+            if "VLLM" in p.name() + " ".join(p.cmdline()):
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
 def _name(p) -> str:
     try:
         return p.name()

@@ -6,7 +6,7 @@ import psutil
 import pytest
 import torch
 
-from .common import Trainer, complete_checkpoints, metric_steps, metrics, wait_until
+from .common import Trainer, complete_checkpoints, engine_processes, metric_steps, metrics, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -70,16 +70,7 @@ def test_steps_without_any_update_warn_and_k_in_a_row_stop_the_run(tmp_path):
 
 
 def _engine_processes(trainer):
-    """vLLM's processes under the trainer rank (they retitle themselves VLLM::EngineCore, VLLM::Worker); not
-    the trainer's other helpers (dist_checkpointing's writer manager, multiprocessing's resource tracker)."""
-    procs = []
-    for p in psutil.Process(trainer.proc.pid).children(recursive=True):
-        try:
-            if "VLLM" in p.name() + " ".join(p.cmdline()):
-                procs.append(p)
-        except psutil.NoSuchProcess:
-            pass
-    return procs
+    return engine_processes(psutil.Process(trainer.proc.pid))
 
 
 def test_engine_death_stops_the_trainer_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path):

@@ -16,7 +16,7 @@ import time
 import psutil
 import pytest
 
-from .common import Trainer, complete_checkpoints, metric_steps, wait_until
+from .common import Trainer, complete_checkpoints, engine_processes, metric_steps, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.distributed]
 
@@ -24,17 +24,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.distributed]
 # is the restart: two trainer processes and two vLLM engines starting on 2 shared cores)
 RESTART_BOUND_S = 400
 STOP_BOUND_S = 120  # from the engine kill to the job's exit
-
-
-def _engines_of(proc):
-    out = []
-    for p in proc.children(recursive=True):
-        try:
-            if "VLLM" in p.name() + " ".join(p.cmdline()):
-                out.append(p)
-        except psutil.NoSuchProcess:
-            pass
-    return out
 
 
 def test_a_lost_rank_restarts_from_the_last_checkpoint_and_a_lost_engine_stops_every_rank(tmp_path):
@@ -46,7 +35,7 @@ def test_a_lost_rank_restarts_from_the_last_checkpoint_and_a_lost_engine_stops_e
         wait_until(lambda: max(metric_steps(run) or [-1]) >= 2, 900, t, "RL step 2")
         ranks = t.ranks()
         assert sorted(ranks) == [0, 1], ranks
-        all_engines += _engines_of(ranks[0]) + _engines_of(ranks[1])
+        all_engines += engine_processes(ranks[0]) + engine_processes(ranks[1])
         killed_at = time.time()
         ranks[1].kill()
         wait_until(lambda: "resumed from" in t.output(), RESTART_BOUND_S, t, "the restarted ranks to resume")
@@ -55,8 +44,8 @@ def test_a_lost_rank_restarts_from_the_last_checkpoint_and_a_lost_engine_stops_e
         wait_until(lambda: max(metric_steps(run) or [-1]) >= before + 1, 600, t, "a step after the restart")
 
         ranks = t.ranks()
-        victims = _engines_of(ranks[1])
-        all_engines += _engines_of(ranks[0]) + victims
+        victims = engine_processes(ranks[1])
+        all_engines += engine_processes(ranks[0]) + victims
         assert victims, "no engine process under rank 1"
         killed_at = time.time()
         for p in victims:
