@@ -65,7 +65,7 @@ NON_NEGATIVE = [
     "actor.lr_warmup_steps", "actor.min_lr", "actor.weight_decay", "actor.grad_clip", "trainer.eval_every",
     "diagnostics.log_prob_diff_threshold", "trainer.samples_per_step", "rollout.router_noise",
     "trainer.total_steps",  # 0: the SFT warm-up and the step-0 eval and checkpoint only (an experiment's SFT job)
-    "correction.icepop_low", "correction.seq_low", "correction.routing_weight",
+    "correction.icepop_low", "correction.seq_low", "correction.routing_weight", "rollout.val_sample_n",
 ]
 
 
@@ -103,15 +103,26 @@ def _check_sampling_and_clipping(cfg: RecipeConfig, where: str) -> None:
     if r.n < 2:
         _fail("rollout.n", r.n, where, "group advantages need at least 2 samples per prompt")
     # clipping: the ratio interval [1 - low, 1 + high] must contain 1 and stay positive
-    if a.clip_ratio_low >= 1:
-        _fail("algorithm.clip_ratio_low", a.clip_ratio_low, where, "must be < 1")
+    if a.clip_ratio_low >= 1 and a.loss_mode != "cispo":  # cispo: >= 1 means no lower bound (verl passes 10)
+        _fail("algorithm.clip_ratio_low", a.clip_ratio_low, where, "must be < 1 (only cispo reads >= 1 as no bound)")
     if not a.clip_ratio_c > 1:
         _fail("algorithm.clip_ratio_c", a.clip_ratio_c, where, "the dual-clip bound must be > 1")
     c = cfg.correction
-    if c.icepop_low >= c.icepop_high:
-        _fail("correction.icepop_low", c.icepop_low, where, f"must be < correction.icepop_high={c.icepop_high}")
-    if c.seq_low >= c.seq_high:
-        _fail("correction.seq_low", c.seq_low, where, f"must be < correction.seq_high={c.seq_high}")
+    # the bands the arms accept (losses/correction.py): 0 < low <= 1 <= high, checked here before any work is done
+    for name in ("icepop", "seq"):
+        low, high = getattr(c, f"{name}_low"), getattr(c, f"{name}_high")
+        if not 0 < low <= 1:
+            _fail(f"correction.{name}_low", low, where, "must be in (0, 1]: the band must contain ratio 1")
+        if not 1 <= high < float("inf"):
+            _fail(f"correction.{name}_high", high, where, "must be >= 1 and finite: the band must contain ratio 1")
+    if not c.routing_weight <= 1:
+        _fail("correction.routing_weight", c.routing_weight, where, "must be in [0, 1] (0: drop the token)")
+    if c.mode in ("tis", "icepop", "seq_mask_is") and a.old_log_prob == "rollout":
+        # the weight is w = pi_old / pi_rollout from the trainer's recompute; bypass mode's ratio
+        # pi_theta / pi_rollout already holds that w, so the mismatch would be counted twice
+        _fail("correction.mode", c.mode, where, "corrects pi_rollout -> pi_old with the trainer's recompute as pi_old; "
+              "with algorithm.old_log_prob=rollout the loss's ratio already contains that mismatch and it would count "
+              "twice: use algorithm.old_log_prob=trainer")
     if c.mode == "routing_mask" and not r.capture_routing:
         _fail("correction.mode", c.mode, where, "needs the engine's routing: set rollout.capture_routing=true")
     if a.overlong_buffer_len >= d.max_response_length:
@@ -251,5 +262,12 @@ def validate_layout(cfg: RecipeConfig, world_size: int) -> Layout:
     if p.tp == 1 and sp:
         sp = False
         notes.append("sequence parallelism switched off: it has no effect with tp = 1")
-    return Layout(world_size=world_size, tp=p.tp, ep=p.ep, etp=p.etp, pp=p.pp, dp=world_size // (p.tp * p.pp),
+    dp = world_size // (p.tp * p.pp)
+    sft = cfg.sft_warmup
+    if sft.steps > 0 and sft.batch_size % dp:
+        # each data-parallel rank takes every dp-th row: an uneven split leaves a rank without rows, or ranks with
+        # different micro-batch counts (a hang in the expert-parallel collectives)
+        raise ConfigError(f"sft_warmup.batch_size={sft.batch_size} in {where}: must be a multiple of the "
+                          f"data-parallel size {dp} (world {world_size} / tp {p.tp})")
+    return Layout(world_size=world_size, tp=p.tp, ep=p.ep, etp=p.etp, pp=p.pp, dp=dp,
                   expert_dp=world_size // (p.ep * p.etp * p.pp), sequence_parallel=sp, notes=tuple(notes))

@@ -140,6 +140,13 @@ def test_30b_recipe_carries_the_published_dapo_hyperparameters():
     (["parallel.pp=2"], "parallel.pp=2.*not supported"),
     (["data.task=math"], "data.train_files.*needs at least one train file"),
     (["actor.lr"], "expected dotted.key=value"),
+    (["correction.icepop_low=0"], r"correction.icepop_low=0.0.*must be in \(0, 1\]"),
+    (["correction.icepop_high=0.9"], "correction.icepop_high=0.9.*must be >= 1"),
+    (["correction.seq_low=1.5", "correction.seq_high=2"], r"correction.seq_low=1.5.*must be in \(0, 1\]"),
+    (["correction.routing_weight=2"], r"correction.routing_weight=2.0.*must be in \[0, 1\]"),
+    (["rollout.val_sample_n=-1"], "rollout.val_sample_n=-1.*must be >= 0"),
+    (["correction.mode=tis", "algorithm.old_log_prob=rollout"], "correction.mode='tis'.*would count twice"),
+    (["correction.mode=icepop", "algorithm.old_log_prob=rollout"], "correction.mode='icepop'.*old_log_prob=trainer"),
 ])
 def test_bad_recipe_values_are_one_line_errors_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=message) as e:
@@ -201,6 +208,7 @@ def test_cpu_engine_head_dim_is_checked_only_on_request():
     (["parallel.etp=2", "model.moe_ffn_hidden_size=63"], 2, "moe_ffn_hidden_size=63.*not divisible by parallel.etp=2"),
     (["parallel.tp=2", "model.first_k_dense_layers=1", "model.ffn_hidden_size=255"], 2,
      "ffn_hidden_size=255.*not divisible by parallel.tp=2"),
+    (["sft_warmup.batch_size=3"], 2, "sft_warmup.batch_size=3.*multiple of the data-parallel size 2"),
 ])
 def test_impossible_layouts_are_refused_naming_the_setting(override, world, message):
     cfg = load_recipe(RECIPE, override)
@@ -222,6 +230,15 @@ def test_expert_data_parallel_follows_megatron_core_semantics():
     # ep larger than dp is fine in 0.16: experts are laid over tp x dp ranks
     layout = validate_layout(load_recipe(RECIPE, ["parallel.tp=2", "parallel.ep=8"]), 8)
     assert (layout.dp, layout.expert_dp) == (4, 1)
+
+
+def test_modes_that_accept_the_settings_others_refuse():
+    # cispo reads clip_ratio_low >= 1 as "no lower bound" (verl's CISPO recipe passes 10); routing_mask is not a
+    # ratio weight, so it combines with pi_old from the engine; no SFT warm-up, no batch to split
+    cispo = load_recipe(RECIPE, ["algorithm.loss_mode=cispo", "algorithm.clip_ratio_low=10"])
+    assert cispo.algorithm.clip_ratio_low == 10
+    load_recipe(RECIPE, ["correction.mode=routing_mask", "algorithm.old_log_prob=rollout"])
+    validate_layout(load_recipe(RECIPE, ["sft_warmup.steps=0", "sft_warmup.batch_size=3"]), 2)
 
 
 def test_single_rank_layout_has_no_sequence_parallelism():
