@@ -43,8 +43,15 @@ def broadcast_object(obj, src: int = 0, group=None):
     return box[0]
 
 
+def collective_device() -> torch.device:
+    """Where a small tensor for a collective must live: NCCL reduces CUDA tensors only (gloo: CPU)."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_max(value: float, group=None) -> float:
-    t = torch.tensor([float(value)])
+    t = torch.tensor([float(value)], device=collective_device())
     if dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return float(t.item())
@@ -52,7 +59,7 @@ def all_reduce_max(value: float, group=None) -> float:
 
 def global_sum(value: float, group=None) -> float:
     """Sum of a number over the ranks of `group` (float64: exact for token counts)."""
-    t = torch.tensor([float(value)], dtype=torch.float64)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=collective_device())
     if dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(t, group=group)
     return float(t.item())

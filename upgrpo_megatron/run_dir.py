@@ -29,6 +29,7 @@ class RunDir:
         self.rank = rank
         self._lock = None
         self._start_over = False
+        self._rollback: Optional[int] = None  # resume=PATH of an older checkpoint of this run: its step
 
     checkpoints = property(lambda self: self.path / "checkpoints")
     hf = property(lambda self: self.path / "hf")
@@ -44,20 +45,21 @@ class RunDir:
 
         resume: "auto" (the newest complete checkpoint; a directory with results but none is refused),
         "never" (the directory must be empty), "fresh" (start over, moving the old files aside) or a path."""
+        path = None
         if resume not in ("auto", "never", "fresh"):
             path = Path(resume)
             if not path.exists():
                 raise RunDirError(f"trainer.resume={resume}: no such checkpoint directory")
-            return path
         # rank 0 locks and decides (it may restore an interrupted re-save); the other ranks take its answer
         ckpt, problem = None, None
         if self.rank == 0:
             try:
                 self._lock_first()
-                ckpt = self._decide(resume)
+                ckpt = self._decide(resume) if path is None else self._decide_path(path)
             except RunDirError as e:
                 problem = str(e)
-        ckpt, problem, self._start_over = broadcast_object((ckpt, problem, self._start_over))
+        ckpt, problem, self._start_over, self._rollback = broadcast_object(
+            (ckpt, problem, self._start_over, self._rollback))
         if problem:
             raise RunDirError(problem)
         barrier()
@@ -92,6 +94,44 @@ class RunDir:
         self._start_over = exists and ckpt is None
         return ckpt
 
+    def _decide_path(self, path: Path) -> Path:
+        """resume=PATH: an older checkpoint of this run (a roll-back: the newer checkpoints and the logs past it
+        are kept in previous/ when the run opens, so that resume=auto never returns to the abandoned ones), or
+        another run's checkpoint into a directory that holds no run of its own (its logs would be cut)."""
+        import re
+
+        m = re.fullmatch(r"step_(\d+)", path.name)
+        if path.resolve().parent == self.checkpoints.resolve() and m:
+            self._rollback = int(m.group(1))
+            return path
+        if self.has_results() or any(self.checkpoints.glob("step_*")):
+            raise RunDirError(f"trainer.resume={path}: trainer.run_dir={self.path} holds a run of its own, whose "
+                              f"logs resuming another run's checkpoint would cut; choose an empty trainer.run_dir, "
+                              f"or one of {self.checkpoints}/step_* to roll this run back")
+        return path
+
+    def _keep_aside_after(self, step: int) -> Optional[Path]:
+        """Roll-back: move the checkpoints newer than `step` and a copy of the logs into RUN_DIR/previous/<time>/."""
+        import shutil
+        import time
+
+        newer = [p for p in self.checkpoints.glob("step_*")
+                 if p.name[5:].isdigit() and int(p.name[5:]) > step]
+        if not newer:
+            return None
+        dest = self.path / "previous" / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        n = 1
+        while dest.exists():
+            dest = dest.with_name(f"{dest.name.split('.')[0]}.{n}")
+            n += 1
+        (dest / "checkpoints").mkdir(parents=True)
+        for p in newer:
+            os.rename(p, dest / "checkpoints" / p.name)
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            if (self.path / name).exists():
+                shutil.copy2(self.path / name, dest / name)
+        return dest
+
     def open(self, keep_through: Optional[int]) -> None:
         """Rank 0, once every input has checked out (nothing in the directory changes before): move the files of
         a run that starts over aside, or cut the logs back to the resumed checkpoint's step."""
@@ -100,6 +140,11 @@ class RunDir:
             if moved is not None:
                 console.say(f"starting {self.path} over; its previous files are kept in {moved}")
         else:
+            if self._rollback is not None:
+                kept = self._keep_aside_after(self._rollback)
+                if kept is not None:
+                    console.say(f"rolled back to step {self._rollback}; the newer checkpoints and the full logs are "
+                                f"kept in {kept}")
             self.cut_logs(keep_through)
 
     def has_results(self) -> bool:

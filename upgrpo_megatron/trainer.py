@@ -333,11 +333,14 @@ class Trainer:
         last_val = None
         for _ in bar:
             self.step += 1
+            data_state = self.task.state_dict()
             try:
                 m = self.rl_step()
             except TrainingStopped as e:
-                if e.before_update:  # nothing of this step was applied yet
+                if e.before_update:  # nothing of this step was applied yet: take back its schedule and prompts
                     self.step -= 1
+                    self.actor.undo_rl_step()
+                    self.task.load_state_dict(data_state)
                     self._save_checkpoint()
                     raise TrainingStopped(f"{e}; the last good state (step {self.step}) is in "
                                           f"{self.run_dir.checkpoints}") from e
@@ -382,9 +385,10 @@ class Trainer:
             from upgrpo_megatron.summary import final_summary
 
             records = [r for r in read_metrics(self.run_dir.path) if "step" in r]
+            saved = self._saved_step  # step 0 too (an experiment's SFT job)
             for line in final_summary(self.run_dir.path, records, loss_mode=self.cfg.algorithm.loss_mode,
                                       steps=t.total_steps, minutes=seconds / 60, num_val=len(self.task.val_prompts()),
-                                      checkpoint=self.run_dir.checkpoint(self.step) if self._saved_step else None,
+                                      checkpoint=self.run_dir.checkpoint(saved) if saved is not None else None,
                                       hf=self.run_dir.hf if t.export_hf else None,
                                       report=self.run_dir.report / "index.html" if t.report else None):
                 console.say(line)

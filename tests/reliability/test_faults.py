@@ -92,6 +92,13 @@ def test_engine_death_stops_the_trainer_with_a_message_and_keeps_the_last_good_c
     last = max(s for s in metric_steps(run))
     assert [s for s in metric_steps(run) if s >= 0] == list(range(0, last + 1))
     assert max(complete_checkpoints(run)) == last  # the last logged step's state is on disk and complete
+    # ... and it is that step's state: a step stopped by the engine before its update gives back its LR-schedule
+    # step and its prompts (a resume redoes it; it must not skip the prompts or train at the next step's rate)
+    from upgrpo_megatron.megatron.checkpoint import safe_torch_load
+
+    extra = safe_torch_load(run / "checkpoints" / f"step_{last:06d}" / "extra.pt")
+    assert extra["step"] == last and extra["scheduler"]["num_steps"] == last
+    assert (extra["data"]["epoch"], extra["data"]["offset"]) == (0, 4 * last)  # trainer.prompts_per_step=4
 
 
 def test_engine_processes_do_not_outlive_a_sigkilled_trainer(tmp_path):

@@ -78,3 +78,46 @@ def test_tensorboard_is_rebuilt_from_the_cut_log_on_resume(tmp_path):
     acc.Reload()
     assert [(e.step, e.value) for e in acc.Scalars("val/acc")] == [(1, 1.0), (2, 20.0)]
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["val/acc"] == 20.0
+
+
+def _run_with_checkpoints(d, steps):
+    log = MetricsLogger(d, tensorboard=False)
+    for s in range(max(steps) + 1):
+        log.log(s, {"val/acc": 0.1 * s})
+    for s in steps:
+        (d / "checkpoints" / f"step_{s:06d}").mkdir(parents=True)
+
+
+def test_resume_path_of_another_run_into_a_run_of_its_own_is_refused_and_left_untouched(tmp_path):
+    other, mine = tmp_path / "other", tmp_path / "mine"
+    _run_with_checkpoints(other, [5])
+    _run_with_checkpoints(mine, [2])
+    before = _snapshot(mine)
+    with pytest.raises(RunDirError, match="holds a run of its own.*choose an empty trainer.run_dir"):
+        RunDir(mine).prepare(str(other / "checkpoints" / "step_000005"))
+    assert _snapshot(mine) == before
+    # into an empty directory it is a plain start from that checkpoint
+    assert RunDir(tmp_path / "new").prepare(str(other / "checkpoints" / "step_000005")).name == "step_000005"
+
+
+def test_resume_path_locks_the_run_directory_like_any_resume(tmp_path):
+    _run_with_checkpoints(tmp_path, [1])
+    first = RunDir(tmp_path)
+    first.prepare(str(tmp_path / "checkpoints" / "step_000001"))
+    with pytest.raises(RunDirError, match="is in use by"):
+        RunDir(tmp_path).prepare(str(tmp_path / "checkpoints" / "step_000001"))
+
+
+def test_rolling_back_to_an_older_checkpoint_keeps_the_newer_ones_and_the_full_logs_aside(tmp_path):
+    _run_with_checkpoints(tmp_path, [1, 2, 3])
+    full_log = (tmp_path / "metrics.jsonl").read_text()
+    rd = RunDir(tmp_path)
+    assert rd.prepare(str(tmp_path / "checkpoints" / "step_000001")).name == "step_000001"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000001", "step_000002",
+                                                                             "step_000003"]  # nothing moved yet
+    rd.open(keep_through=1)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_000001"]  # resume=auto comes back here
+    kept = next((tmp_path / "previous").iterdir())
+    assert sorted(p.name for p in (kept / "checkpoints").iterdir()) == ["step_000002", "step_000003"]
+    assert (kept / "metrics.jsonl").read_text() == full_log
+    assert sorted(r["step"] for r in read_metrics(tmp_path) if "step" in r) == [0, 1]

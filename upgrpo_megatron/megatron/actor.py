@@ -29,6 +29,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
 
+from upgrpo_megatron.distributed import collective_device
 from upgrpo_megatron.megatron.model import build_gpt_model
 from upgrpo_megatron.megatron.sharding import grad_of
 
@@ -82,6 +83,9 @@ class MegatronActor:
             lr_warmup_steps=o.lr_warmup_steps, lr_decay_steps=max(o.total_steps, o.lr_warmup_steps + 1),
             lr_decay_style="constant" if o.lr_schedule == "constant" else "cosine",
             start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=1, wd_incr_style="constant",
+            # on resume the checkpoint gives the step count, the recipe the schedule (lr, warm-up, horizon): the
+            # run follows the config.yaml it records (megatron's default keeps the checkpoint's values silently)
+            use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True,
         )
         self.num_moe_layers = len(RouterReplay.global_router_replay_instances)
         self.module.logit_temperature = float(temperature)
@@ -93,6 +97,10 @@ class MegatronActor:
         of W steps trains at lr / W, never at 0."""
         self.scheduler.step(1)
         return float(self.optimizer.param_groups[0]["lr"])
+
+    def undo_rl_step(self) -> None:
+        """Take back `begin_rl_step` (a step stopped before its first update is redone after a resume)."""
+        self.scheduler.step(-1)
 
     def set_lr(self, lr: float) -> None:
         """A fixed learning rate outside the RL schedule (the SFT warm-up); the next `begin_rl_step` resets it."""
@@ -185,7 +193,8 @@ class MegatronActor:
     @torch.no_grad()
     def weights_finite(self) -> bool:
         """True on every rank when every rank's weights are finite (collective)."""
-        bad = torch.tensor([0.0 if all(bool(torch.isfinite(p).all()) for p in self.module.parameters()) else 1.0])
+        bad = torch.tensor([0.0 if all(bool(torch.isfinite(p).all()) for p in self.module.parameters()) else 1.0],
+                           device=collective_device())
         if dist.is_initialized():
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         return bad.item() == 0
@@ -228,14 +237,16 @@ class MegatronActor:
             if on_micro_batch is not None:
                 on_micro_batch(mb, routing, lp.detach())
             if not torch.isfinite(loss):
+                # still run the backward (its gradients are discarded below): with expert parallelism it holds
+                # the token dispatch collectives the other ranks of the group are waiting in
                 finite = False
-                continue
+                loss = loss * 0.0
             (loss * dp).backward()
         finalize_model_grads([self.model])
         # check the reduced gradients themselves: megatron's optimizer copies main_grad into .grad only inside
         # step(), and clipping an inf norm there turns the update into NaN weights
         finite = finite and self._grads_finite()
-        flag = torch.tensor([0.0 if finite else 1.0])
+        flag = torch.tensor([0.0 if finite else 1.0], device=collective_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank skips together
         out = {k: sum(v) / len(v) for k, v in metrics.items()}
         if flag.item() > 0:

@@ -244,6 +244,13 @@ def check_architecture(path, model_cfg) -> None:
             if getattr(saved, k) != getattr(model_cfg, k):
                 raise CheckpointError(f"checkpoint {path} is for another model: {k}={getattr(saved, k)!r}, the "
                                       f"recipe has model.{k}={getattr(model_cfg, k)!r}")
+        # settings that leave every weight's shape alone but change what the model computes: the recipe's value is
+        # used, so say so (a top-k or rope base the checkpoint was not trained with is rarely what was meant)
+        for k in ("moe_router_topk", "norm_topk_prob", "rope_theta", "norm_epsilon", "first_k_dense_layers",
+                  "tie_word_embeddings", "shared_expert_ffn_hidden_size"):
+            if getattr(saved, k) != getattr(model_cfg, k) and _rank() == 0:
+                console.warn(f"checkpoint {path} was saved with model.{k}={getattr(saved, k)!r}; the recipe's "
+                             f"{getattr(model_cfg, k)!r} is used")
 
 
 def load_checkpoint(path, module, *, optimizer=None, model_cfg=None) -> dict:
@@ -257,9 +264,11 @@ def load_checkpoint(path, module, *, optimizer=None, model_cfg=None) -> dict:
     module.load_state_dict(state)
     optim_file = path / "optim" / f"rank_{_rank()}.pt"
     meta = json.loads((path / "metadata.json").read_text())
-    same_layout = (meta.get("world_size"), meta.get("tp"), meta.get("ep")) == (
+    # the optimizer's shards follow the layout, expert tensor parallelism included (a file without "etp" was
+    # written before it was recorded, at etp 1)
+    same_layout = (meta.get("world_size"), meta.get("tp"), meta.get("ep"), meta.get("etp", 1)) == (
         dist.get_world_size() if dist.is_initialized() else 1, ps.get_tensor_model_parallel_world_size(),
-        ps.get_expert_model_parallel_world_size())
+        ps.get_expert_model_parallel_world_size(), ps.get_expert_tensor_parallel_world_size())
     from upgrpo_megatron.megatron import optimizer as moptim
 
     distributed = optimizer is not None and moptim.is_distributed(optimizer)
