@@ -30,7 +30,7 @@ train: $(STAMP)
 ifeq ($(NPROC),1)
 	$(PY) tools/train_moe.py $(RECIPE) $(ARGS)
 else
-	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) tools/train_moe.py $(RECIPE) $(ARGS)
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) --shutdown-timeout=300 tools/train_moe.py $(RECIPE) $(ARGS)
 endif
 
 test: $(STAMP)
