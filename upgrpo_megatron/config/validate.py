@@ -182,6 +182,9 @@ def _check_data_and_batches(cfg: RecipeConfig, where: str) -> None:
     if cfg.rollout.sync_every > 1 and t.eval_every % cfg.rollout.sync_every:
         _fail("trainer.eval_every", t.eval_every, where, f"must be a multiple of rollout.sync_every="
               f"{cfg.rollout.sync_every}, so that every eval sees the actor's current weights")
+    if cfg.rollout.sync_every > 1 and t.eval_every and t.total_steps % cfg.rollout.sync_every:
+        _fail("trainer.total_steps", t.total_steps, where, f"must be a multiple of rollout.sync_every="
+              f"{cfg.rollout.sync_every}: the final eval would otherwise score stale engine weights")
     if t.wandb:
         _fail("trainer.wandb", t.wandb, where, "Weights & Biases logging is not built in: metrics go to "
               "RUN_DIR/metrics.jsonl and TensorBoard (RUN_DIR/tensorboard)")

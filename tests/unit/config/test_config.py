@@ -145,6 +145,7 @@ def test_30b_recipe_carries_the_published_dapo_hyperparameters():
     (["correction.seq_low=1.5", "correction.seq_high=2"], r"correction.seq_low=1.5.*must be in \(0, 1\]"),
     (["correction.routing_weight=2"], r"correction.routing_weight=2.0.*must be in \[0, 1\]"),
     (["rollout.val_sample_n=-1"], "rollout.val_sample_n=-1.*must be >= 0"),
+    (["rollout.sync_every=2", "trainer.total_steps=151"], "trainer.total_steps=151.*multiple of rollout.sync_every=2"),
     (["correction.mode=tis", "algorithm.old_log_prob=rollout"], "correction.mode='tis'.*would count twice"),
     (["correction.mode=icepop", "algorithm.old_log_prob=rollout"], "correction.mode='icepop'.*old_log_prob=trainer"),
 ])
