@@ -113,17 +113,12 @@ class RunDir:
     def _keep_aside_after(self, step: int) -> Optional[Path]:
         """Roll-back: move the checkpoints newer than `step` and a copy of the logs into RUN_DIR/previous/<time>/."""
         import shutil
-        import time
 
         newer = [p for p in self.checkpoints.glob("step_*")
                  if p.name[5:].isdigit() and int(p.name[5:]) > step]
         if not newer:
             return None
-        dest = self.path / "previous" / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-        n = 1
-        while dest.exists():
-            dest = dest.with_name(f"{dest.name.split('.')[0]}.{n}")
-            n += 1
+        dest = self._new_previous_dir()
         (dest / "checkpoints").mkdir(parents=True)
         for p in newer:
             os.rename(p, dest / "checkpoints" / p.name)
@@ -162,18 +157,23 @@ class RunDir:
                 continue
         return False
 
-    def move_aside(self) -> Optional[Path]:
-        """Move everything but the lock and earlier `previous/` copies into RUN_DIR/previous/<UTC time>/."""
+    def _new_previous_dir(self) -> Path:
+        """RUN_DIR/previous/<UTC time>/, with a .N suffix when one of that second exists (not created here)."""
         import time
 
-        items = [p for p in self.path.iterdir() if p.name not in (".lock", "previous")]
-        if not items:
-            return None
         dest = self.path / "previous" / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
         n = 1
         while dest.exists():
             dest = dest.with_name(f"{dest.name.split('.')[0]}.{n}")
             n += 1
+        return dest
+
+    def move_aside(self) -> Optional[Path]:
+        """Move everything but the lock and earlier `previous/` copies into RUN_DIR/previous/<UTC time>/."""
+        items = [p for p in self.path.iterdir() if p.name not in (".lock", "previous")]
+        if not items:
+            return None
+        dest = self._new_previous_dir()
         dest.mkdir(parents=True)
         for p in items:
             os.rename(p, dest / p.name)
