@@ -202,3 +202,20 @@ def test_two_ranks_with_expert_parallelism_train_end_to_end(tmp_path):
     assert m[1]["mismatch/routing/pair_frac"] < 0.01 and abs(m[1]["mismatch/token_mult_prob_error"] - 1.0) < 1e-3
     assert (d / "checkpoints" / "step_000001" / "COMPLETE").exists()
     assert (d / "checkpoints" / "step_000001" / "optim" / "distributed" / ".metadata").exists()
+
+
+@pytest.mark.distributed
+def test_two_ranks_with_tensor_parallelism_train_end_to_end(tmp_path):
+    """TP=2 (data parallelism 1): one engine, fed by the group's first rank, which gathers the other rank's
+    tensor-parallel shards; after the sync the engine scores the sampled tokens exactly as the sharded actor does
+    (a shard gathered in the wrong order or along the wrong axis would show as mismatch here)."""
+    d = tmp_path / "tp2"
+    out = train(d, "parallel.tp=2", "trainer.total_steps=1", "trainer.report=false", "trainer.export_hf=false",
+                nproc=2).stdout
+    assert "rollout: 1 rollout engine(s), one per 2 consecutive rank(s)" in out
+    gathered, into_engine = synced_mb(out)
+    assert 0 < gathered < into_engine and into_engine == pytest.approx(2.40, abs=0.01)  # measured 0.41 of 2.40 MB
+    m = metrics(d)
+    assert 0 in m and 1 in m and "critic/score/mean" in m[1] and m[1]["actor/grad_norm"] > 0
+    assert m[1]["mismatch/routing/pair_frac"] < 0.01 and abs(m[1]["mismatch/token_mult_prob_error"] - 1.0) < 1e-3
+    assert (d / "checkpoints" / "step_000001" / "COMPLETE").exists()
