@@ -121,14 +121,14 @@ def test_interrupted_and_resumed_run_logs_the_same_metrics(full_run, tmp_path):
     assert sorted(s for s in resumed if s >= 0) == [0, 1, 2, 3]  # no duplicated or missing steps
     # before the interruption this is a second run of the same seed on the same machine:
     # identical metrics (wall-clock timings aside), except that the engine's log-probs, which only the
-    # train-vs-rollout mismatch/* metrics read, vary in the last bits with how vLLM batched them (measured:
-    # 3e-9 relative in mismatch/token_mult_prob_error at step 2)
+    # train-vs-rollout mismatch/* metrics read, vary in the last bits with how vLLM batched them (measured in CI:
+    # 3e-9 in mismatch/token_mult_prob_error, 3e-8 vs 3.4e-8 in mismatch/abs_prob_diff_mean at step 2)
     for step in (0, 1, 2):
         same = {k: v for k, v in full[step].items() if not k.startswith(("timing_s/", "mismatch/"))}
         assert {k: resumed[step].get(k) for k in same} == same, step
         for k, v in full[step].items():
             if k.startswith("mismatch/"):
-                expected = v if v is None else pytest.approx(v, rel=1e-6, abs=1e-12)  # None: not measured
+                expected = v if v is None else pytest.approx(v, rel=1e-6, abs=1e-6)  # None: not measured
                 assert resumed[step][k] == expected, (step, k)
     for key in ("critic/score/mean", "actor/pg_loss", "actor/grad_norm", "val/acc", "response_length/mean"):
         assert resumed[3][key] == pytest.approx(full[3][key], rel=1e-4, abs=1e-5), key
