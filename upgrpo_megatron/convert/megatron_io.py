@@ -1,7 +1,7 @@
 """Megatron `dist_checkpointing` checkpoints <-> Hugging Face directories (what the two tools run).
 
 Neither direction builds a model or goes through megatron's `dist_checkpointing` machinery when it runs as
-one process: `torch_dist.py` streams tensors between the safetensors and the checkpoint's `.distcp` files (the
+one process: `torch_dist/` streams tensors between the safetensors and the checkpoint's `.distcp` files (the
 format megatron reads and writes, tested against megatron's own save), so a conversion moves bytes at close to
 the speed of a plain copy. Reading works at whatever TP/EP layout wrote the checkpoint (an expert is a slice of
 its layer's stacked expert tensor) and holds one batch of tensors (at most `batch_bytes`, or one tensor if

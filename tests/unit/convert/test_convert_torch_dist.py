@@ -1,4 +1,4 @@
-"""The direct torch_dist writer/reader of the conversion tools (`convert/torch_dist.py`) against megatron's own
+"""The direct torch_dist writer/reader of the conversion tools (`convert/torch_dist/`) against megatron's own
 `dist_checkpointing`: the layout it writes is the one megatron saves (keys, global shapes, chunks, dtypes, byte
 objects) for both architectures, megatron loads what it writes into a model bit-exactly, it reads megatron's
 checkpoints bit-exactly, its archives are byte-for-byte what `torch.save` writes, and a corrupt or foreign
@@ -100,14 +100,14 @@ def test_reader_reads_megatrons_checkpoint_bit_exactly(megatron_saved, arch):
 def test_archives_are_what_torch_save_writes(dtype, shape):
     g = torch.Generator().manual_seed(0)
     t = torch.randn(shape, generator=g).to(dtype)
-    template = td._ArchiveTemplate(dtype, shape)
+    template = td.writer._ArchiveTemplate(dtype, shape)
     assert template.usable
     mine = b"".join(bytes(p) for p in template.parts(t))
     buf = io.BytesIO()
     torch.save(t, buf)
     assert mine == buf.getvalue()
     assert zipfile.ZipFile(io.BytesIO(mine)).testzip() is None
-    assert torch.equal(td._tensor_from_archive(bytearray(mine), 0, len(mine)), t)
+    assert torch.equal(td.reader._tensor_from_archive(bytearray(mine), 0, len(mine)), t)
 
 
 def test_a_checkpoint_the_direct_reader_cannot_decode_is_exported_through_megatron(tmp_path, monkeypatch):
@@ -121,7 +121,7 @@ def test_a_checkpoint_the_direct_reader_cannot_decode_is_exported_through_megatr
     def refuse(*a, **k):
         raise td.UnsupportedCheckpoint("pretend this archive is compressed")
 
-    monkeypatch.setattr(td, "_archive_layout", refuse)
+    monkeypatch.setattr(td.reader, "_archive_layout", refuse)
     convert_megatron_to_hf(tmp_path / "ck", tmp_path / "export", show_progress=False)
     a, b = load_file(str(Path(hf) / "model.safetensors")), load_file(str(tmp_path / "export" / "model.safetensors"))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
