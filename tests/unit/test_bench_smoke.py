@@ -29,13 +29,17 @@ def run_tiny(script, tmp_path, *args):
     return data
 
 
-def assert_entries(data, names):
+def assert_entries(data, names, signed=()):
+    """`signed`: entries whose `ours` is a fitted exponent, not a time or a size: on tiny, noisy sweeps it may come
+    out negative (CI: alpha = -0.077 at load 3 on 2 cores), and the entry then says ratio 0."""
     for name in names:
         assert name in data, f"{name} not written (have: {sorted(data)})"
         e = data[name]
         for key in ("ours", "theirs", "ratio"):
             assert isinstance(e[key], (int, float)) and math.isfinite(e[key]), (name, key, e[key])
-        assert e["ours"] >= 0 and e["theirs"] >= 0 and e["ratio"] >= 0, (name, e)
+        assert (name in signed or e["ours"] >= 0) and e["theirs"] >= 0 and e["ratio"] >= 0, (name, e)
+        if name in signed and e["ours"] <= 0:
+            assert e["ratio"] == 0, (name, e)
         assert e["unit"] and isinstance(e["config"], dict), name
 
 
@@ -64,7 +68,8 @@ def test_diagnostics_bench_tiny(tmp_path):
 def test_scaling_bench_tiny_sweeps_fit_and_two_ranks(tmp_path):
     data = run_tiny("scaling.py", tmp_path)
     assert_entries(data, ["scaling_hidden_tiny", "scaling_experts_tiny", "scaling_layers_tiny", "scaling_tokens_tiny",
-                          "scaling_fit_tiny", "scaling_ranks_dp2_tiny", "scaling_ranks_ep2_tiny"])
+                          "scaling_fit_tiny", "scaling_ranks_dp2_tiny", "scaling_ranks_ep2_tiny"],
+                   signed={"scaling_fit_tiny"})
     assert 0 <= data["scaling_fit_tiny"]["config"]["r2"] <= 1
     assert data["scaling_ranks_ep2_tiny"]["config"]["ep"] == 2
 
