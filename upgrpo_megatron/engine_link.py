@@ -160,8 +160,9 @@ class RolloutClient:
         err = None
         if self.engine is not None:
             try:
-                self.engine.update_weights(self._engine_view(stream, version), version=version,
-                                           bucket_bytes=SYNC_BUCKET_BYTES)
+                info = self.engine.update_weights(self._engine_view(stream, version), version=version,
+                                                  bucket_bytes=SYNC_BUCKET_BYTES)
+                stats.engine_bytes = info["bytes"]  # as the engine received them: in its dtype (bf16: half)
             except RolloutError as e:
                 err = e
         for _ in stream:  # non-drivers, and a driver whose engine failed: take part in the remaining gathers

@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("vllm")
 pytest.importorskip("transformers")
 
-from tests.e2e.test_rollout_engine import MAX_LEN, MAX_TOKENS, PROMPTS, STOP, N, build_tiny_model, compare  # noqa: E402
+from tests.e2e.test_rollout_engine import MAX_LEN, MAX_TOKENS, PROMPTS, STOP, N, _perturbed, build_tiny_model, compare  # noqa: E402
 from upgrpo_megatron.rollout import RolloutEngine  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -43,6 +43,20 @@ def test_bf16_engine_log_probs_and_routing_stay_near_fp32_transformers(tiny, eng
           f"max {mx:.2e}; routing top-k agreement {agreement:.4f}")
     assert mean < BF16_MEAN_TOL and mx < BF16_MAX_TOL
     assert agreement >= BF16_MIN_ROUTING_AGREEMENT
+
+
+def test_fp32_weights_synced_into_a_bf16_engine_travel_in_bf16_and_take_effect(tiny, engine):
+    """The trainer's fp32 weights reach a bf16 engine as bf16 (half the bytes; vLLM's loader would round them the
+    same way on copy), and the engine then follows them within bf16's tolerance."""
+    new = _perturbed(tiny[1])
+    state = new.state_dict()
+    fp32_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    info = engine.update_weights(state.items(), version=1)
+    assert info["bytes"] * 2 == fp32_bytes, (info, fp32_bytes)
+    batch = engine.generate(PROMPTS, n=2, temperature=1.0, max_tokens=MAX_TOKENS, stop_token_ids=[STOP], seed=5)
+    mean_new, max_new, _ = compare(new, PROMPTS, batch)
+    mean_old, _, _ = compare(tiny[1], PROMPTS, batch)
+    assert mean_new < BF16_MEAN_TOL and max_new < BF16_MAX_TOL and mean_old > 1e-2, (mean_new, max_new, mean_old)
 
 
 def test_shutdown_frees_the_engine_processes(engine):

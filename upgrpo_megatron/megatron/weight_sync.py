@@ -41,7 +41,7 @@ from upgrpo_megatron.megatron.sharding import (
 @dataclass
 class SyncStats:
     tensors: int = 0          # full tensors this rank yielded (handed to its engine)
-    engine_bytes: int = 0     # their bytes
+    engine_bytes: int = 0     # their bytes (engine_link then puts what the engine received, in its dtype)
     recv_bytes: int = 0       # bytes received from other ranks in the gathers
     sent_bytes: int = 0       # bytes of own shards sent to other ranks
     collectives: int = 0      # gathers this rank took part in

@@ -132,6 +132,7 @@ class RolloutEngine:
         if dtype not in ("float32", "bfloat16", "float16"):
             raise RolloutError(f"rollout dtype={dtype!r} is not supported (float32 | bfloat16)")
         self.hf_dir = hf_dir
+        self.dtype = getattr(torch, dtype)
         self.vocab_size = int(cfg["vocab_size"])
         experts = cfg.get("num_experts") or cfg.get("num_local_experts")
         if not experts:
@@ -316,7 +317,8 @@ class RolloutEngine:
         return stats
 
     def _checked(self, named_tensors) -> Iterator[Tuple[str, torch.Tensor]]:
-        """Contiguous CPU tensors with checkpoint names; fused in-memory expert tensors split per expert."""
+        """Contiguous CPU tensors in the engine's dtype with checkpoint names; fused in-memory expert tensors split
+        per expert."""
         for name, t in named_tensors:
             t = t.detach()
             m = _FUSED.match(name)
@@ -332,7 +334,8 @@ class RolloutEngine:
             if self.in_process:  # stays on its GPU: vLLM's loader copies it into the engine's shard
                 yield name, t
                 continue
-            t = t.to("cpu").contiguous()
+            # in the engine's dtype: half the bytes for a bf16 engine, and the same rounding its loader's copy_ does
+            t = t.to("cpu", self.dtype if t.is_floating_point() else t.dtype).contiguous()
             if t.untyped_storage().nbytes() != t.numel() * t.element_size():
                 t = t.clone()  # a view into a larger tensor: safetensors refuses shared storage
             yield name, t
