@@ -115,7 +115,7 @@ class Trainer:
         if cfg.model.hf_path:
             from upgrpo_megatron.convert import load_hf_into_model
 
-            load_hf_into_model(cfg.model.hf_path, self.actor.module)
+            load_hf_into_model(cfg.model.hf_path, self.actor.module, cfg.model)  # refuses another top-k, vocab, ...
         d = cfg.diagnostics
         self.diagnostics = StepDiagnostics(self.run_dir.path, num_experts=cfg.model.num_experts,
                                            clip_low=cfg.algorithm.clip_ratio_low,

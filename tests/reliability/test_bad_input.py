@@ -122,6 +122,9 @@ CASES = [
     ("resume_another_runs_checkpoint_into_a_run", ["trainer.resume=@WS/other_ckpt"], "holds a run of its own",
      False),
     ("corrupt_safetensors", ["model.hf_path=@WS/corrupt_hf"], "model.safetensors", False),
+    # every architecture field is compared, not only the shapes (a top-k that differs would load silently)
+    ("hf_model_of_another_architecture", ["model.hf_path=@WS/other_hf"],
+     "other_hf/config.json: vocab_size=96 does not match the recipe's model.vocab_size=32", False),
     ("run_dir_exists_without_resume", ["trainer.resume=never"], "already exists", False),
     ("results_without_checkpoint", ["trainer.resume=auto"], "holds results (RL-step metrics", False),
     ("run_dir_not_writable", ["trainer.run_dir=/proc/upgrpo_run"], "trainer.run_dir=/proc/upgrpo_run is not writable",

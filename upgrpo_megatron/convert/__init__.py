@@ -3,6 +3,7 @@ conversion, loading HF weights into the actor, the final export and weight sync 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Iterator, Optional, Tuple
 
@@ -29,14 +30,17 @@ from upgrpo_megatron.convert.qwen_moe import (
 
 _MODEL_KEYS = ("architecture", "vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_query_groups",
                "head_dim", "moe_ffn_hidden_size", "num_experts", "moe_router_topk", "first_k_dense_layers",
-               "shared_expert_ffn_hidden_size", "tie_word_embeddings")
+               "shared_expert_ffn_hidden_size", "tie_word_embeddings",
+               # same shapes, another function: these would load silently into a model that computes otherwise
+               "norm_topk_prob", "rope_theta", "norm_epsilon")
 
 
 def check_compatible(hf_cfg: ModelConfig, model_cfg: ModelConfig, source: str) -> None:
     """The HF model must have the architecture the recipe describes."""
     for k in _MODEL_KEYS:
         a, b = getattr(hf_cfg, k), getattr(model_cfg, k)
-        if a != b and not (k == "first_k_dense_layers" and not a and not b):
+        same = math.isclose(a, b, rel_tol=1e-9) if isinstance(a, float) and isinstance(b, float) else a == b
+        if not same and not (k == "first_k_dense_layers" and not a and not b):
             raise ConversionError(f"{source}: {k}={a!r} does not match the recipe's model.{k}={b!r}")
 
 

@@ -126,3 +126,16 @@ def test_first_k_dense_layers_map_to_mlp_only_prefix():
 def test_tied_embeddings_have_no_output_layer():
     cfg = dataclasses.replace(QWEN3, tie_word_embeddings=True)
     assert "output_layer.weight" not in canonical_names(cfg) and "lm_head.weight" not in hf_shapes(cfg)
+
+
+@pytest.mark.parametrize("field, value", [("moe_router_topk", 4), ("norm_topk_prob", False), ("rope_theta", 1e6),
+                                          ("norm_epsilon", 1e-5), ("vocab_size", 128)])
+def test_an_hf_model_that_computes_otherwise_than_the_recipe_is_refused_by_name(field, value):
+    """Same tensor shapes or not: a top-k, RoPE base or norm setting that differs would load without a shape error
+    and train another model than the recipe says."""
+    from upgrpo_megatron.convert import check_compatible
+
+    check_compatible(dataclasses.replace(QWEN3, rope_theta=5e5 * (1 + 1e-12)), QWEN3, "hf/config.json")  # float noise
+    with pytest.raises(ConversionError, match=f"hf/config.json: {field}={value!r} does not match the recipe's "
+                                              f"model.{field}="):
+        check_compatible(dataclasses.replace(QWEN3, **{field: value}), QWEN3, "hf/config.json")
