@@ -316,11 +316,15 @@ class Trainer:
             if self._loop():
                 self._finish(time.time() - t_start)
         finally:
-            for s, h in prev.items():
-                signal.signal(s, h)
-            self.rollout.shutdown()
-            if self.metrics is not None:
-                self.metrics.close()
+            try:
+                self.rollout.shutdown()
+                if self.metrics is not None:
+                    self.metrics.close()
+            finally:
+                # only now: a second Ctrl-C while the stop saves and the engine shuts down (seconds) must still
+                # stop at once, not raise KeyboardInterrupt in the middle of the shutdown
+                for s, h in prev.items():
+                    signal.signal(s, h)
 
     def _loop(self) -> bool:
         """The RL steps; False when a signal stopped them (the state is saved), True when all ran."""

@@ -136,9 +136,10 @@ def _ctrl_c_in_a_terminal(tmp_path, name, launcher, times):
         engines = t.engine_pids()
         for i in range(times):
             os.killpg(t.proc.pid, signal.SIGINT)
-            # Python runs a handler only when the main thread is back in Python: two presses that land while it is
-            # inside one long C call (likely on a loaded machine) reach the handler as one. Press again once the
-            # first is acknowledged, as a user who reads the message does.
+            # Press again once the first is acknowledged, as a user who reads the message does (two presses inside
+            # one long C call reach Python's handler as one). The step may end right after the first press: the
+            # second then lands while the stop saves or the engine shuts down, which must stop at once too (CI
+            # caught the handler given back before the shutdown: the second press raised KeyboardInterrupt there).
             if i + 1 < times:
                 wait_until(lambda: "SIGINT received" in t.output(), 60, t, "the first Ctrl-C acknowledged")
         start = time.time()
