@@ -117,7 +117,7 @@ class Ours:
         with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
             self.tr.rl_step()
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(prof.key_averages().table(sort_by="cpu_time_total", row_limit=30))
+        Path(path).write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
         print(f"[rl_step] profile of one step written to {path}", flush=True)
 
     def close(self) -> None:

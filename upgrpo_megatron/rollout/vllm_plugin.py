@@ -16,6 +16,8 @@ import sys
 
 ENV = "UPGRPO_VLLM_SYNCABLE_CPU_LINEAR"
 OWNER_ENV = "UPGRPO_ENGINE_OWNER_PID"
+IDLE_SPIN_ENV = "UPGRPO_VLLM_IDLE_SPIN_S"
+IDLE_POLL_MS = 5  # an idle engine process rechecks its queue this often (a lost notification costs at most this)
 
 
 def _plain_cpu_linear(layer, remove_weight: bool) -> None:
@@ -66,8 +68,51 @@ def _leave_terminal() -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _short_idle_spin() -> None:
+    """How long an engine process busy-waits (sched_yield) for the next message after its last read, in seconds
+    from UPGRPO_VLLM_IDLE_SPIN_S (set by `RolloutEngine` on CPU; vLLM's own is 1 s).
+
+    vLLM's shared-memory message queue (engine core <-> worker) keeps each reader spinning for 1 s after every
+    read, so that the next decode step is picked up at once. Where the trainer shares the CPU cores with its
+    engine, that second of spinning lands in the trainer's next phase: the RL step on 2 cores took 0.43 s or
+    1.4 s for the same work, with the 1.0 s extra in whichever phase followed the engine's last message
+    (log-probs of pi_old, or the update). Between decode steps the gap is milliseconds, so a short spin keeps
+    generation's latency; after the last one, the reader sleeps on its zmq notification within this time.
+
+    That sleep is capped at IDLE_POLL_MS: the notification can be lost (the writer's PUB socket keeps one message
+    and drops the next while a stale one is pending), and vLLM then rechecks only after 5 s. The 1 s spin hid
+    that; with a short spin it showed here as one rollout in fourteen taking 5.2 s instead of 0.2 s."""
+    value = os.environ.get(IDLE_SPIN_ENV)
+    if value is None:
+        return
+    try:
+        spin_s = max(0.0, float(value))
+    except ValueError:
+        return
+    try:
+        from vllm.distributed.device_communicators import shm_broadcast
+    except ImportError:
+        return
+    cls = getattr(shm_broadcast, "SpinCondition", None)
+    if cls is None or getattr(cls, "_upgrpo_spin_s", None) is not None:
+        return
+    init, wait = cls.__init__, cls.wait
+
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if self.is_reader:
+            self.busy_loop_s = spin_s
+
+    def capped_wait(self, timeout_ms=None):
+        return wait(self, timeout_ms=IDLE_POLL_MS if timeout_ms is None else min(int(timeout_ms), IDLE_POLL_MS))
+
+    cls.__init__, cls.wait = __init__, capped_wait
+    cls._upgrpo_spin_s = spin_s
+
+
 def register() -> None:
     _tie_to_owner()
+    _short_idle_spin()
     if os.environ.get(ENV) != "1":
         return
     import vllm.model_executor.layers.linear as linear
