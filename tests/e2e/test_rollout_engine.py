@@ -171,12 +171,17 @@ def _perturbed(model, scale=0.05, seed=11):
     return new
 
 
-def test_update_weights_makes_the_engine_follow_the_new_weights(tiny, engine):
+def test_update_weights_makes_the_engine_follow_the_new_weights(tiny, engine, monkeypatch):
+    from upgrpo_megatron.rollout import transfer
+
     hf_dir, old = tiny
     new = _perturbed(old)
-    # transformers' in-memory names (fused experts), in 64 KiB buckets: each layer's experts span buckets
+    # transformers' in-memory names (fused experts), in 64 KiB buckets: each layer's experts span buckets; the
+    # buckets travel as files on /dev/shm where it exists, and none is left behind
     info = engine.update_weights(new.state_dict().items(), version=1, bucket_bytes=64 * 1024)
     assert info["buckets"] > 10 and engine.weight_version == 1
+    if os.path.isdir("/dev/shm"):
+        assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"upgrpo-weights-{os.getpid()}-")]
     batch = engine.generate(PROMPTS, n=2, temperature=1.0, max_tokens=MAX_TOKENS, stop_token_ids=[STOP], seed=5)
     assert batch.weight_version == 1
     mean_new, max_new, agree_new = compare(new, PROMPTS, batch)
@@ -185,9 +190,11 @@ def test_update_weights_makes_the_engine_follow_the_new_weights(tiny, engine):
           f"routing agreement {agree_new:.4f}; sync {info}")
     assert max_new < FP32_LOGPROB_TOL and mean_old > 1e-2
     assert agree_new >= MIN_ROUTING_AGREEMENT
-    # back to the original weights, this time with checkpoint names (per-expert tensors) in one bucket
+    # back to the original weights, this time with checkpoint names (per-expert tensors) in one bucket, as bytes
+    # (the path taken where /dev/shm is missing or too small)
     from safetensors.torch import load_file
 
+    monkeypatch.setattr(transfer, "SHM_DIR", None)
     original = load_file(os.path.join(hf_dir, "model.safetensors"))
     engine.update_weights(original.items(), version=2)
     back = engine.generate(PROMPTS, n=2, temperature=1.0, max_tokens=MAX_TOKENS, stop_token_ids=[STOP], seed=5)

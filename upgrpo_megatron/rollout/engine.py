@@ -271,9 +271,7 @@ class RolloutEngine:
         `version` (stamped on every later RolloutBatch). Names and shapes are checked against the engine's
         checkpoint; a failed update leaves the version unchanged. Returns {"tensors", "bytes", "buckets",
         "seconds"}."""
-        from safetensors.torch import save
-
-        from upgrpo_megatron.rollout import worker_ext
+        from upgrpo_megatron.rollout import transfer, worker_ext
 
         t0 = time.perf_counter()
         if self.sleeping:
@@ -288,10 +286,13 @@ class RolloutEngine:
 
         def send(bucket: Dict[str, torch.Tensor]) -> None:
             if self.in_process:  # GPU external_launcher: the worker lives in this process, tensors pass as they are
-                fn, args = worker_ext.load_weights_in_process, (list(bucket.items()),)
-            else:  # bytes: vLLM's RPC serialiser would turn tensors into lists
-                fn, args = worker_ext.reload_weights, (save(bucket),)
-            stats["tensors"] += sum(self._call(lambda: self.llm.collective_rpc(fn, args=args)))
+                args = (list(bucket.items()),)
+                stats["tensors"] += sum(self._call(lambda: self.llm.collective_rpc(
+                    worker_ext.load_weights_in_process, args=args)))
+            else:  # a tmpfs file or bytes (transfer.py): vLLM's RPC serialiser would turn tensors into lists
+                with transfer.packed(bucket) as payload:
+                    stats["tensors"] += sum(self._call(lambda: self.llm.collective_rpc(
+                        worker_ext.reload_weights, args=(payload,))))
             stats["buckets"] += 1
 
         bucket: Dict[str, torch.Tensor] = {}

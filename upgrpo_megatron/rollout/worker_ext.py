@@ -121,9 +121,10 @@ def _load_layer_experts(model, layer: int, parts: Dict[tuple, torch.Tensor]) -> 
         impl.process_weights_after_loading(moe)
 
 
-def reload_weights(worker, blob: bytes) -> int:
-    """Load a bucket of HF-named tensors, sent as safetensors bytes (safetensors executes nothing), into the
-    engine's model in place. Returns the number of tensors received.
+def reload_weights(worker, payload) -> int:
+    """Load a bucket of HF-named tensors, sent as safetensors bytes or a safetensors file on a tmpfs
+    (`transfer.packed`; safetensors executes nothing), into the engine's model in place. Returns the number of
+    tensors received.
 
     vLLM's own `reload_weights` left part of the old weights in place on CPU (the CPU kernels keep packed
     copies: linear layers a oneDNN/SGL handle, MoE experts a VNNI-packed buffer). Measured on the tests' tiny
@@ -133,9 +134,9 @@ def reload_weights(worker, blob: bytes) -> int:
     through the model's `load_weights` (linear layers stay plain tensors thanks to rollout/vllm_plugin.py),
     and each MoE layer's experts, once all of them have arrived (a layer may span buckets), are stacked into
     the kernel's fused tensors and packed again by the experts implementation's `process_weights_after_loading`."""
-    from safetensors.torch import load
+    from upgrpo_megatron.rollout.transfer import unpack
 
-    weights = load(blob)
+    weights = unpack(payload)
     model = worker.model_runner.get_model()
     plain = []
     for name, t in weights.items():
