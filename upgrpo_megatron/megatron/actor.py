@@ -31,6 +31,7 @@ from megatron.core.transformer.moe.router_replay import RouterReplay, RouterRepl
 
 from upgrpo_megatron.distributed import collective_device
 from upgrpo_megatron.megatron.model import build_gpt_model
+from upgrpo_megatron.megatron.optimizer import fuse_cpu_adam
 from upgrpo_megatron.megatron.sharding import grad_of
 
 Batch = Dict[str, torch.Tensor]
@@ -78,6 +79,7 @@ class MegatronActor:
             ),
             [self.model],
         )
+        fuse_cpu_adam(self.optimizer)  # torch's fused AdamW kernel on CPU (megatron/optimizer.py)
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0 if o.lr_warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
             lr_warmup_steps=o.lr_warmup_steps, lr_decay_steps=max(o.total_steps, o.lr_warmup_steps + 1),

@@ -28,6 +28,35 @@ def parts(optimizer) -> List:
     return list(getattr(optimizer, "chained_optimizers", None) or [optimizer])
 
 
+def fuse_cpu_adam(optimizer) -> int:
+    """Switch torch's Adam/AdamW inside `optimizer` to its fused kernel where every parameter lives on the CPU;
+    returns the number of param groups switched.
+
+    megatron builds `torch.optim.AdamW` with torch's defaults (without TE/apex), and torch then picks the
+    per-tensor Python loop on CPU: its fused and foreach paths default to accelerators only. The fused CPU
+    kernel updates each tensor in one vectorised pass. Measured (2 layers x 32 experts, 134 fp32 tensors, one
+    step, median of 7): loop 46 ms, foreach 51 ms, fused 17 ms. Not bit-identical to the loop: after 3 steps
+    the weights differ by float rounding (max 1.2e-7). GPU optimizers are left as megatron built them."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    if "cpu" not in _get_fused_kernels_supported_devices():
+        return 0
+    switched = 0
+    for part in parts(optimizer):
+        inner = getattr(part, "optimizer", None)
+        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        params = [p for g in inner.param_groups for p in g["params"]]
+        if not params or any(p.device.type != "cpu" for p in params) or inner.state:
+            continue  # accelerator parameters, or state already built with the loop's scalar step
+        for g in inner.param_groups:
+            if not g.get("differentiable"):
+                g["fused"], g["foreach"] = True, False
+                switched += 1
+        inner.defaults.update(fused=True, foreach=False)
+    return switched
+
+
 def is_distributed(optimizer) -> bool:
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
