@@ -3,9 +3,9 @@
 Same model (the tiny Qwen3-MoE of recipes/qwen_moe.yaml, with the same weights: TRL starts from the HF export
 our engine starts from, after our SFT warm-up), same task (synthetic arithmetic, the same reward function),
 same step: P prompts x n samples, responses up to 8 tokens, temperature 1, 4 optimizer updates of P/4 prompts
-each, lr 1e-3, clip 0.2/0.28, token-mean loss, no KL, no dynamic sampling (TRL has none). One "RL step" of
-TRL is one generation cycle (`steps_per_generation` = 4 optimizer steps). TRL generates with transformers
-`generate` (no vLLM on CPU), which is what a user would run here. TRL runs in a child process (so neither
+each, lr 1e-3 (--medium: 1e-6), clip 0.2/0.28, token-mean loss, no KL, no dynamic sampling (TRL has none).
+One "RL step" of TRL is one generation cycle (`steps_per_generation` = 4 optimizer steps). TRL generates with
+transformers `generate` (no vLLM on CPU), which is what a user would run here. TRL runs in a child process (so neither
 sees the other's distributed/env state) that waits, through a TCP store, for this process to start each of its
 cycles: after warm-up, each round is one of our steps then one TRL cycle (A B A B ...), and the ratio is the
 median of the pairwise ratios with their min-max (`bench.common`).
@@ -16,6 +16,7 @@ From the same run of our trainer (a step with diagnostics off follows each paire
 For the share entries `theirs` is the target and ratio = target / ours (> 1: within the target).
 
     python bench/rl_step.py            # 16 prompts x 8 samples (the recipe's step)
+    python bench/rl_step.py --medium   # the same step at hidden 512, 4 layers, 16 experts, 64-token responses
     python bench/rl_step.py --tiny     # 4 prompts x 4 samples, a short smoke run (starts the vLLM engine)
 """
 
@@ -36,9 +37,17 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import Pairs, load_avg, record  # noqa: E402
 
-FULL = dict(prompts=16, n=8, mini=4, sft_steps=150, warmup=2, pairs=6, trl_warmup=1)
-TINY = dict(prompts=4, n=4, mini=2, sft_steps=5, warmup=1, pairs=2, trl_warmup=1)
-LR, CLIP_LOW, CLIP_HIGH, SEED = 1e-3, 0.2, 0.28, 1
+FULL = dict(prompts=16, n=8, mini=4, sft_steps=150, warmup=2, pairs=6, trl_warmup=1, overrides=[], lr=1e-3)
+TINY = dict(prompts=4, n=4, mini=2, sft_steps=5, warmup=1, pairs=2, trl_warmup=1, overrides=[], lr=1e-3)
+# the issue's medium size, where generation dominates: hidden 512, 4 layers, 16 experts, responses up to 64 tokens.
+# No SFT warm-up: both start from the same random init (responses ~20 tokens, EOS about 1 token in 32). lr 1e-6
+# keeps both policies there: at 1e-3 they drifted apart (ours to 59 tokens a response, TRL's to 24), so the two
+# steps no longer did the same work.
+MEDIUM = dict(FULL, sft_steps=0, pairs=5, lr=1e-6, overrides=[
+    "model.hidden_size=512", "model.num_layers=4", "model.num_attention_heads=8", "model.num_query_groups=4",
+    "model.ffn_hidden_size=1024", "model.moe_ffn_hidden_size=256", "model.num_experts=16",
+    "data.max_response_length=64"])
+CLIP_LOW, CLIP_HIGH, SEED = 0.2, 0.28, 1
 TARGETS = {"diagnostics": 3.0, "weight_sync": 5.0}  # % of an RL step, from the issue
 
 
@@ -63,10 +72,13 @@ class Ours:
             f"trainer.prompts_per_step={c['prompts']}", f"rollout.n={c['n']}", f"actor.ppo_mini_batch_size={c['mini']}",
             "algorithm.dynamic_sampling=false", "trainer.eval_every=0", "trainer.save_every=1000000",
             "trainer.tensorboard=false", "trainer.report=false", "trainer.export_hf=false",
-            f"trainer.total_steps={total}", f"actor.lr={LR}", f"trainer.seed={SEED}",
+            f"trainer.total_steps={total}", f"actor.lr={c['lr']}", f"trainer.seed={SEED}",
             "algorithm.log_kl_to_ref=false",  # TRL's default (beta = 0) has no reference model either
-        ])
+            *c["overrides"]])
         self.tr = tr = Trainer(cfg)
+        m = cfg.model
+        self.model_desc = (f"qwen_moe.yaml (h{m.hidden_size} L{m.num_layers} E{m.num_experts} k{m.moe_router_topk}"
+                           f"{', random init' if c['sft_steps'] == 0 else ''})")
         from upgrpo_megatron.convert import save_hf_checkpoint
         from upgrpo_megatron.sft import sft_warmup
 
@@ -137,7 +149,7 @@ def run_trl(c, hf_dir: Path, out: Path, control: str) -> None:
     from upgrpo_megatron.config import load_recipe
     from upgrpo_megatron.data import build_task
 
-    cfg = load_recipe(ROOT / "recipes" / "qwen_moe.yaml")
+    cfg = load_recipe(ROOT / "recipes" / "qwen_moe.yaml", c["overrides"])
     task = build_task(cfg)
     per_update = c["mini"] * c["n"]              # completions per optimizer step
     spg = c["prompts"] // c["mini"]              # optimizer steps per generation = per RL step
@@ -155,7 +167,7 @@ def run_trl(c, hf_dir: Path, out: Path, control: str) -> None:
         output_dir=str(out.parent / "trl_out"), use_cpu=True, bf16=False, fp16=False, seed=SEED,
         per_device_train_batch_size=per_update, gradient_accumulation_steps=1, steps_per_generation=spg,
         num_generations=c["n"], max_completion_length=cfg.data.max_response_length, temperature=1.0,
-        top_p=1.0, top_k=0, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+        top_p=1.0, top_k=0, learning_rate=c["lr"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
         max_grad_norm=1.0, beta=0.0, num_iterations=1, epsilon=CLIP_LOW, epsilon_high=CLIP_HIGH,
         loss_type="dapo", scale_rewards="group", max_steps=cycles * spg, save_strategy="no",
         report_to="none", logging_steps=cycles * spg, dataloader_num_workers=0, disable_dropout=True,
@@ -197,7 +209,7 @@ def run_trl(c, hf_dir: Path, out: Path, control: str) -> None:
 class TrlChild:
     """The TRL child process, one generation cycle per `cycle(i)` (it waits for the go in between)."""
 
-    def __init__(self, c, hf_dir: Path, tmp: Path, tiny: bool):
+    def __init__(self, c, hf_dir: Path, tmp: Path, size_flag: list):
         import datetime
 
         import torch.distributed as dist
@@ -208,7 +220,7 @@ class TrlChild:
         env = {k: v for k, v in os.environ.items()
                if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
         cmd = [sys.executable, __file__, "--trl-child", str(hf_dir), "--out", str(self.out),
-               "--control", f"127.0.0.1:{self.store.port}", *(["--tiny"] if tiny else [])]
+               "--control", f"127.0.0.1:{self.store.port}", *size_flag]
         self.proc = subprocess.Popen(cmd, env=env)
 
     def cycle(self, i: int) -> float:
@@ -233,13 +245,15 @@ class TrlChild:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--medium", action="store_true", help="the medium size (hidden 512, L4, E16, 64-token responses)")
     ap.add_argument("--results", default=None, help="results.json to merge into (default bench/results.json)")
     ap.add_argument("--profile", default=None, help="also write a torch.profiler table of one of our steps here")
     ap.add_argument("--trl-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--control", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    c = TINY if a.tiny else FULL
+    c = TINY if a.tiny else MEDIUM if a.medium else FULL
+    size_flag = ["--tiny"] if a.tiny else ["--medium"] if a.medium else []
     if a.trl_child:
         run_trl(c, Path(a.trl_child), Path(a.out), a.control)
         return 0
@@ -254,7 +268,7 @@ def main(argv=None) -> int:
     ours = Ours(c, tmp / "run")
     trl_child = None
     try:
-        trl_child = TrlChild(c, ours.hf_dir, tmp, a.tiny)
+        trl_child = TrlChild(c, ours.hf_dir, tmp, size_flag)
         for _ in range(c["warmup"]):
             ours.step(True)
         for i in range(c["trl_warmup"]):
@@ -281,9 +295,9 @@ def main(argv=None) -> int:
     pairs = Pairs([s["wall"] for s in on], cyc, load_start=load)  # ours as shipped: diagnostics on
     ours_s, theirs_s = summary([s["wall"] for s in on]), summary(cyc)
     config = {"prompts": c["prompts"], "n": c["n"], "updates_per_step": c["prompts"] // c["mini"],
-              "max_response_length": 8, "model": "qwen_moe.yaml (h128 L2 E8 k2)", "trl": theirs["trl"],
-              "threads": torch.get_num_threads()}
-    sfx = "_tiny" if a.tiny else ""
+              "max_response_length": ours.tr.cfg.data.max_response_length, "model": ours.model_desc,
+              "trl": theirs["trl"], "threads": torch.get_num_threads(), "lr": c["lr"]}
+    sfx = "_tiny" if a.tiny else "_medium" if a.medium else ""
     record("rl_step_vs_trl" + sfx, ours_s["median"], theirs_s["median"], None, "s/step", config,
            {"ours_s": ours_s, "theirs_s": theirs_s, "engine_start_s": engine_start_s,
             "ours_timing_s_median": {k: statistics.median(s[k] for s in on if k in s)
