@@ -5,7 +5,7 @@ engine core, pickled into vLLM's message queue, received by the worker over zmq,
 benchmark's medium model (147 MB, one bucket): 1.1-3.0 s per sync, ~50 MB/s, most of it in those copies. Through
 a file on a tmpfs (/dev/shm) it is written once and read once; only its path crosses the RPC. The file lives only
 while the RPC runs (removed in `finally`). Where /dev/shm is missing or lacks room (containers often give it
-64 MB), the bytes path is used.
+64 MB), or the write fails, the bytes path is used.
 """
 
 from __future__ import annotations
@@ -39,17 +39,26 @@ def packed(bucket: Dict[str, torch.Tensor]) -> Iterator[Union[str, bytes]]:
     from safetensors.torch import save, save_file
 
     path = _shm_path(sum(t.numel() * t.element_size() for t in bucket.values()))
+    if path is not None:
+        try:
+            save_file(bucket, path)
+        except OSError:  # the tmpfs filled up meanwhile (another engine's bucket): bytes instead
+            _remove(path)
+            path = None
     if path is None:
         yield save(bucket)
         return
     try:
-        save_file(bucket, path)
         yield path
     finally:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+        _remove(path)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def unpack(payload: Union[str, bytes]) -> Dict[str, torch.Tensor]:

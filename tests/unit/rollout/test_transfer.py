@@ -51,3 +51,19 @@ def test_bytes_where_there_is_no_usable_tmpfs(tmp_path, monkeypatch, where):
         assert isinstance(payload, bytes)
         _same(bucket, transfer.unpack(payload))
     assert not any(p.name.startswith("upgrpo-weights") for p in tmp_path.iterdir())
+
+
+def test_bytes_when_writing_the_file_fails(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def full(*a, **k):
+        open(a[1], "wb").write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(transfer, "SHM_DIR", str(tmp_path))
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    bucket = _bucket()
+    with transfer.packed(bucket) as payload:
+        assert isinstance(payload, bytes)
+        _same(bucket, transfer.unpack(payload))
+    assert os.listdir(tmp_path) == []
