@@ -25,6 +25,7 @@ README = HERE.parent / "README.md"
 MARKERS = ("<!-- bench-table:start (rendered by bench/run_all.py --table) -->", "<!-- bench-table:end -->")
 SCRIPTS = ["losses.py", "actor_step.py", "rollout.py", "convert.py", "diagnostics.py", "rl_step.py", "scaling.py",
            "sync.py"]
+SIZES = {"rl_step.py": ([], ["--medium"])}  # scripts run once per argument list at full size (--tiny: once)
 
 
 def ratio_cell(e: dict) -> str:
@@ -96,12 +97,14 @@ def main(argv=None) -> int:
                 print(f"[bench] {s}: missing", flush=True)
                 failed.append(s)
                 continue
-            t0 = time.time()
-            print(f"[bench] {s} ...", flush=True)
-            proc = subprocess.run([sys.executable, str(path), *(["--tiny"] if a.tiny else [])], env=env)
-            print(f"[bench] {s}: exit {proc.returncode} in {time.time() - t0:.0f}s", flush=True)
-            if proc.returncode:
-                failed.append(s)
+            for extra in [["--tiny"]] if a.tiny else SIZES.get(s, ([],)):
+                name = " ".join([s, *extra])
+                t0 = time.time()
+                print(f"[bench] {name} ...", flush=True)
+                proc = subprocess.run([sys.executable, str(path), *extra], env=env)
+                print(f"[bench] {name}: exit {proc.returncode} in {time.time() - t0:.0f}s", flush=True)
+                if proc.returncode:
+                    failed.append(name)
     print(f"[bench] total {time.time() - t_all:.0f}s", flush=True)
     if a.tiny:
         data = json.loads(results.read_text()) if results.exists() else {}
