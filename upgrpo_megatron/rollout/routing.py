@@ -10,7 +10,7 @@ Two sources, one result (see `batch.py` for the position convention):
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence
 
 import numpy as np
 
@@ -31,16 +31,16 @@ def rows_per_sequence(rec: dict, seqs: Sequence[Sequence[int]]) -> List[np.ndarr
 
     `rec` (from `worker_ext.stop_capture`): `steps` = per forward pass `(input_ids, positions)`, and
     `layers[layer_id]` = per forward pass `[rows, topk]` top-k ids. A forward pass is a concatenation of
-    request chunks; a chunk starts at position 0 (a new request) or continues a chunked prefill. vLLM's
-    scheduler keeps at most one request partially prefilled, and schedules it first in the next pass, so a
-    continuation belongs to the last chunk of the previous pass (checked by its length). Completed row
-    groups are matched to sequences by token ids; identical sequences are interchangeable.
+    request chunks; a chunk starts at position 0 (a new request) or continues a chunked prefill from an earlier
+    pass. Where the continuation sits in its pass is up to vLLM (its persistent batch moves requests when others
+    finish), so a chunk at position p continues an earlier segment of p tokens whose ids, followed by the
+    chunk's, begin one of `seqs`. Completed row groups are matched to sequences by token ids; identical
+    sequences are interchangeable.
     """
     layer_ids = list(rec["layer_ids"])
     if any(len(rec["layers"][lid]) != len(rec["steps"]) for lid in layer_ids):
         raise RolloutError("routing capture: MoE layers recorded a different number of forward passes than the model")
     segs: List[dict] = []
-    last_prev: Optional[dict] = None
     for step, (ids, pos) in enumerate(rec["steps"]):
         ids, pos = np.asarray(ids).reshape(-1), np.asarray(pos).reshape(-1)
         per_layer = [np.asarray(rec["layers"][lid][step]) for lid in layer_ids]
@@ -48,24 +48,18 @@ def rows_per_sequence(rec: dict, seqs: Sequence[Sequence[int]]) -> List[np.ndarr
             raise RolloutError(f"routing capture: forward pass {step} has {len(pos)} tokens but a router saw "
                                f"{[a.shape[0] for a in per_layer]} rows")
         topk = np.stack(per_layer, axis=1)  # [rows, moe_layers, topk]
-        start, last = 0, None
-        while start < len(pos):
-            end = start + 1
-            while end < len(pos) and pos[end] == pos[end - 1] + 1:
-                end += 1
+        # chunk boundaries: wherever the position does not follow on from the row before
+        starts = [0, *(np.flatnonzero(np.diff(pos) != 1) + 1).tolist(), len(pos)]
+        earlier = len(segs)  # a continuation continues a segment of an earlier pass
+        for start, end in zip(starts[:-1], starts[1:]):
+            chunk = ids[start:end].tolist()
             if pos[start] == 0:
                 seg = {"ids": [], "rows": []}
                 segs.append(seg)
-            elif start == 0 and last_prev is not None and len(last_prev["ids"]) == pos[start]:
-                seg = last_prev
             else:
-                raise RolloutError(f"routing capture: a prefill chunk at position {int(pos[start])} "
-                                   "continues no request")
-            seg["ids"].extend(ids[start:end].tolist())
+                seg = _continued(segs[:earlier], int(pos[start]), chunk, seqs)
+            seg["ids"].extend(chunk)
             seg["rows"].append(topk[start:end])
-            last = seg
-            start = end
-        last_prev = last
     by_tokens: dict = {}
     for seg in segs:
         by_tokens.setdefault(tuple(seg["ids"]), []).append(np.concatenate(seg["rows"]))
@@ -76,3 +70,28 @@ def rows_per_sequence(rec: dict, seqs: Sequence[Sequence[int]]) -> List[np.ndarr
             raise RolloutError(f"routing capture: the prefill rows of sequence {i} were not captured")
         out.append(bucket.pop(0))
     return out
+
+
+def _continued(segs: List[dict], position: int, chunk: List[int], seqs: Sequence[Sequence[int]]) -> dict:
+    """The segment a prefill chunk starting at `position` continues: `position` tokens long, and its ids then
+    the chunk's begin one of `seqs`. Rare (one chunked request per pass at most), so a linear scan."""
+    for seg in segs:
+        if len(seg["ids"]) == position:
+            head = seg["ids"] + chunk
+            if any(len(s) >= len(head) and [int(t) for t in s[:len(head)]] == head for s in seqs):
+                return seg
+    raise RolloutError(f"routing capture: a prefill chunk at position {position} continues no request")
+
+
+def token_groups(seqs: Sequence[Sequence[int]], budget: int) -> Iterator[List[Sequence[int]]]:
+    """Consecutive groups of `seqs` of at most `budget` tokens each (a longer sequence goes alone)."""
+    group: List[Sequence[int]] = []
+    used = 0
+    for s in seqs:
+        if group and used + len(s) > budget:
+            yield group
+            group, used = [], 0
+        group.append(s)
+        used += len(s)
+    if group:
+        yield group

@@ -306,6 +306,22 @@ def test_30b_memory_estimate_is_in_a_sane_range():
     assert "30.53B parameters" in text and "tp 4" in text and "ep 8" in text
 
 
+def test_kv_estimate_counts_whole_engine_blocks():
+    # the bench's medium size on a CPU engine: 80-token sequences, 8 KiB of KV per token, blocks of 128 tokens
+    # (1 MiB): 64 MiB holds 64 sequences, not 64 MiB / 80 tokens = 102 (the planner said 102; the engine ran 64)
+    cfg = load_recipe(RECIPE, ["model.hidden_size=512", "model.num_layers=4", "model.num_attention_heads=8",
+                               "model.num_query_groups=4", "data.max_response_length=64", "parallel.backend=gloo"])
+    mem = estimate_memory(cfg, validate_layout(cfg, 1))
+    assert mem["kv_bytes_per_seq"] == 80 * 8192
+    assert mem["kv_seqs_fit"] == 64 and mem["kv_seqs_wanted"] == 128
+    assert mem["kv_gib_wanted"] == pytest.approx(0.125)
+    assert "the rest wait: 0.125 GiB holds them all" in format_layout_and_memory(cfg, validate_layout(cfg, 1), mem)
+    cfg.rollout.kv_cache_gib = 0.125
+    mem = estimate_memory(cfg, validate_layout(cfg, 1))
+    assert mem["kv_seqs_fit"] == 128 and "the rest wait" not in format_layout_and_memory(cfg, validate_layout(cfg, 1),
+                                                                                          mem)
+
+
 def test_distributed_optimizer_and_sharding_shrink_the_per_gpu_estimate():
     cfg = load_recipe(RECIPE_30B)
     sharded = estimate_memory(cfg, validate_layout(cfg, 64))
