@@ -42,11 +42,12 @@ TINY = dict(prompts=4, n=4, mini=2, sft_steps=5, warmup=1, pairs=2, trl_warmup=1
 # the issue's medium size, where generation dominates: hidden 512, 4 layers, 16 experts, responses up to 64 tokens.
 # No SFT warm-up: both start from the same random init (responses ~20 tokens, EOS about 1 token in 32). lr 1e-6
 # keeps both policies there: at 1e-3 they drifted apart (ours to 59 tokens a response, TRL's to 24), so the two
-# steps no longer did the same work.
+# steps no longer did the same work. The KV cache is what `--dry-run` says holds the step's 128 sequences at once
+# (0.125 GiB at this size; the recipe's 0.0625 held 64, and the rest waited).
 MEDIUM = dict(FULL, sft_steps=0, pairs=5, lr=1e-6, overrides=[
     "model.hidden_size=512", "model.num_layers=4", "model.num_attention_heads=8", "model.num_query_groups=4",
     "model.ffn_hidden_size=1024", "model.moe_ffn_hidden_size=256", "model.num_experts=16",
-    "data.max_response_length=64"])
+    "data.max_response_length=64", "rollout.kv_cache_gib=0.125"])
 CLIP_LOW, CLIP_HIGH, SEED = 0.2, 0.28, 1
 TARGETS = {"diagnostics": 3.0, "weight_sync": 5.0}  # % of an RL step, from the issue
 
@@ -296,7 +297,9 @@ def main(argv=None) -> int:
     ours_s, theirs_s = summary([s["wall"] for s in on]), summary(cyc)
     config = {"prompts": c["prompts"], "n": c["n"], "updates_per_step": c["prompts"] // c["mini"],
               "max_response_length": ours.tr.cfg.data.max_response_length, "model": ours.model_desc,
-              "trl": theirs["trl"], "threads": torch.get_num_threads(), "lr": c["lr"]}
+              "trl": theirs["trl"], "threads": torch.get_num_threads(), "lr": c["lr"],
+              "kv_cache_gib": ours.tr.cfg.rollout.kv_cache_gib,
+              "micro_batch_tokens": ours.tr.cfg.actor.micro_batch_tokens}
     sfx = "_tiny" if a.tiny else "_medium" if a.medium else ""
     record("rl_step_vs_trl" + sfx, ours_s["median"], theirs_s["median"], None, "s/step", config,
            {"ours_s": ours_s, "theirs_s": theirs_s, "engine_start_s": engine_start_s,

@@ -180,7 +180,8 @@ class RLStep:
     def _ref_log_prob(self, batch: Batch) -> None:
         n, dp = batch["input_ids"].shape[0], self.dp
         rows = dp_rows(n, dp.rank, dp.size)
-        ref = self.reference.log_prob(take_rows(batch, rows), self.cfg.actor.micro_batch_size)
+        act = self.cfg.actor
+        ref = self.reference.log_prob(take_rows(batch, rows), act.micro_batch_size, act.micro_batch_tokens)
         batch["ref_log_prob"] = gather_rows(ref, n, dp.size, dp.group)
 
     def _loss_fn(self, step: int, normaliser: Dict[str, float]):
@@ -235,7 +236,8 @@ class RLStep:
                 local = take_rows(mini, local_rows)
                 drift = self.diagnostics.drift_collector(epoch) if drift_on else None
                 sm = self.actor.train_step(
-                    split_micro_batches(local, torch.arange(len(local_rows)), act.micro_batch_size),
+                    split_micro_batches(local, torch.arange(len(local_rows)), act.micro_batch_size,
+                                        act.micro_batch_tokens),
                     self._loss_fn(step, _normaliser(mini["response_mask"])),
                     replay_key=self.replay.update_key,
                     record_routing=drift is not None and self.replay.records_drift,

@@ -105,7 +105,7 @@ class Trainer:
             optim=OptimSettings(lr=a.lr, min_lr=a.min_lr, weight_decay=a.weight_decay, betas=tuple(a.betas),
                                 grad_clip=a.grad_clip, lr_warmup_steps=a.lr_warmup_steps,
                                 lr_schedule=a.lr_schedule, total_steps=cfg.trainer.total_steps),
-            distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+            distributed_optimizer=cfg.parallel.use_distributed_optimizer, micro_batch_tokens=a.micro_batch_tokens,
         )
         self.reference = None
         if cfg.algorithm.log_kl_to_ref or cfg.algorithm.kl_loss_coef > 0:

@@ -164,6 +164,7 @@ class ActorConfig:
     ppo_epochs: int = 1
     ppo_mini_batch_size: int = 16
     micro_batch_size: int = 32
+    micro_batch_tokens: int = 0  # > 0: pack micro-batches by length, at most this many padded tokens each
     max_bad_steps: int = 3
 
 

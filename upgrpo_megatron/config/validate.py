@@ -66,6 +66,7 @@ NON_NEGATIVE = [
     "diagnostics.log_prob_diff_threshold", "trainer.samples_per_step", "rollout.router_noise",
     "trainer.total_steps",  # 0: the SFT warm-up and the step-0 eval and checkpoint only (an experiment's SFT job)
     "correction.icepop_low", "correction.seq_low", "correction.routing_weight", "rollout.val_sample_n",
+    "actor.micro_batch_tokens",  # 0: micro-batches of micro_batch_size rows, not packed by length
 ]
 
 

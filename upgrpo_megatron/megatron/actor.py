@@ -30,6 +30,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
 
 from upgrpo_megatron.distributed import collective_device
+from upgrpo_megatron.megatron.micro_batches import micro_batches
 from upgrpo_megatron.megatron.model import build_gpt_model
 from upgrpo_megatron.megatron.optimizer import fuse_cpu_adam
 from upgrpo_megatron.megatron.sharding import grad_of
@@ -54,7 +55,7 @@ class MegatronActor:
 
     def __init__(self, model_cfg, *, tp=1, ep=1, etp=1, sequence_parallel=False, dtype="fp32",
                  optim: Optional[OptimSettings] = None, temperature: float = 1.0,
-                 distributed_optimizer: bool = False):
+                 distributed_optimizer: bool = False, micro_batch_tokens: int = 0):
         # Router replay instances are global in megatron: start from a clean list for this model.
         RouterReplay.clear_global_router_replay_instances()
         self.model_cfg = model_cfg
@@ -90,6 +91,7 @@ class MegatronActor:
             use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True,
         )
         self.num_moe_layers = len(RouterReplay.global_router_replay_instances)
+        self.micro_batch_tokens = int(micro_batch_tokens)  # the pi_old pass's packing (micro_batches.plan)
         self.module.logit_temperature = float(temperature)
 
     # ------------------------------------------------------------------ learning rate
@@ -173,23 +175,32 @@ class MegatronActor:
     @torch.no_grad()
     def compute_log_prob(self, batch: Batch, micro_batch_size: int, *, record_routing: bool = True,
                          replay_key: Optional[str] = None, keep_full_routing: bool = False) -> Batch:
-        """pi_old pass: log-prob, entropy and (RECORD) routing for every response token, micro-batched.
+        """pi_old pass: log-prob, entropy and (RECORD) routing for every response token, micro-batched
+        (`micro_batches.plan`: cut to their longest row; packed by length with `micro_batch_tokens`).
         `keep_full_routing`: also the routing of every input position, "full_routing" `[batch, seq, layers, k]`
-        (what R2/R3 replay), from the same forward pass."""
+        (what R2/R3 replay; 0 past a row's micro-batch cut, where nothing reads it), from the same forward pass."""
         self.model.eval()
-        out: Dict[str, list] = {"log_prob": [], "entropy": [], "routing": [], "full_routing": []}
+        n, width = batch["input_ids"].shape
         R = batch["response_mask"].shape[1]
-        for sl in _slices(batch["input_ids"].shape[0], micro_batch_size):
-            replay = batch[replay_key][sl] if replay_key else None
-            lp, ent, routing, full = self._forward(batch["input_ids"][sl], batch["prompt_lens"][sl], R,
+        out: Dict[str, torch.Tensor] = {}
+
+        def put(key: str, rows: torch.Tensor, value: torch.Tensor, shape: tuple) -> None:
+            if key not in out:
+                out[key] = torch.zeros((n, *shape), dtype=value.dtype, device=value.device)
+            real = rows >= 0
+            out[key][rows[real], : value.shape[1]] = value[real]
+
+        for rows, mb in micro_batches(batch, micro_batch_size, self.micro_batch_tokens):
+            replay = mb[replay_key] if replay_key else None
+            lp, ent, routing, full = self._forward(mb["input_ids"], mb["prompt_lens"], R,
                                                    record_routing=record_routing, replay_routing=replay)
-            out["log_prob"].append(lp)
-            out["entropy"].append(ent)
+            put("log_prob", rows, lp, (R,))
+            put("entropy", rows, ent, (R,))
             if routing is not None:
-                out["routing"].append(routing)
+                put("routing", rows, routing, tuple(routing.shape[1:]))
             if keep_full_routing and full is not None:
-                out["full_routing"].append(full)
-        return {k: torch.cat(v) for k, v in out.items() if v}
+                put("full_routing", rows, full, (width, *full.shape[2:]))
+        return out
 
     # ------------------------------------------------------------------ update
     @torch.no_grad()
@@ -227,6 +238,7 @@ class MegatronActor:
         self.optimizer.zero_grad()
         dp = ps.get_data_parallel_world_size()
         metrics: Dict[str, list] = {}
+        weights: List[float] = []  # each micro-batch's response tokens: its metrics' weight
         finite = True
         for mb in micro_batches:
             R = mb["response_mask"].shape[1]
@@ -234,8 +246,9 @@ class MegatronActor:
             lp, ent, routing = self.forward(mb["input_ids"], mb["prompt_lens"], R,
                                             record_routing=record_routing, replay_routing=replay)
             loss, m = loss_fn(mb, lp, ent)
+            weights.append(float(mb["response_mask"].sum()))
             for k, v in m.items():
-                metrics.setdefault(k, []).append(float(v))
+                metrics.setdefault(k, []).append((float(v), weights[-1]))
             if on_micro_batch is not None:
                 on_micro_batch(mb, routing, lp.detach())
             if not torch.isfinite(loss):
@@ -250,7 +263,7 @@ class MegatronActor:
         finite = finite and self._grads_finite()
         flag = torch.tensor([0.0 if finite else 1.0], device=collective_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank skips together
-        out = {k: sum(v) / len(v) for k, v in metrics.items()}
+        out = {k: _weighted_mean(v) for k, v in metrics.items()}
         if flag.item() > 0:
             self.optimizer.zero_grad()
             out.update({"actor/grad_norm": float("nan"), "actor/skipped_step": 1.0})
@@ -259,6 +272,15 @@ class MegatronActor:
         out.update({"actor/grad_norm": float(grad_norm), "actor/skipped_step": 0.0 if ok else 1.0,
                     "actor/lr": float(self.optimizer.param_groups[0]["lr"])})
         return out
+
+
+def _weighted_mean(pairs: List[tuple]) -> float:
+    """Mean of per-micro-batch metrics weighted by their response tokens (a token mean over the mini-batch, however
+    the rows were split); the plain mean when no micro-batch has a token."""
+    total = sum(w for _, w in pairs)
+    if total <= 0:
+        return sum(v for v, _ in pairs) / len(pairs)
+    return sum(v * w for v, w in pairs if w) / total
 
 
 def pad_sequence_dim(ids: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -282,14 +304,11 @@ def score_responses(model, ids: torch.Tensor, prompt_lens: torch.Tensor, respons
     return lp_all.gather(1, score_pos), ent_all.gather(1, score_pos)
 
 
-def _slices(n: int, size: int) -> Iterator[slice]:
-    for start in range(0, n, max(1, size)):
-        yield slice(start, min(n, start + size))
-
-
-def split_micro_batches(batch: Batch, index: torch.Tensor, micro_batch_size: int) -> Iterator[Batch]:
-    """Rows `index` of `batch` as micro-batches of at most `micro_batch_size` rows."""
-    for sl in _slices(index.numel(), micro_batch_size):
-        rows = index[sl]
-        yield {k: v[rows] for k, v in batch.items()
-               if isinstance(v, torch.Tensor) and v.shape[:1] == batch["input_ids"].shape[:1]}
+def split_micro_batches(batch: Batch, index: torch.Tensor, micro_batch_size: int,
+                        max_tokens: int = 0) -> Iterator[Batch]:
+    """Rows `index` of `batch` as micro-batches of at most `micro_batch_size` rows, each cut to its longest row
+    (`micro_batches.plan`; `max_tokens` > 0 packs rows by length). Collective when the job has several ranks."""
+    n = batch["input_ids"].shape[0]
+    rows = {k: v[index] for k, v in batch.items() if isinstance(v, torch.Tensor) and v.shape[:1] == (n,)}
+    for _, mb in micro_batches(rows, micro_batch_size, max_tokens):
+        yield mb

@@ -17,7 +17,8 @@ import torch
 from megatron.core import dist_checkpointing
 
 from upgrpo_megatron.distributed import barrier, rank
-from upgrpo_megatron.megatron.actor import _slices, pad_sequence_dim, score_responses
+from upgrpo_megatron.megatron.actor import pad_sequence_dim, score_responses
+from upgrpo_megatron.megatron.micro_batches import micro_batches
 from upgrpo_megatron.megatron.model import build_gpt_model, build_transformer_config
 
 
@@ -40,14 +41,16 @@ class ReferencePolicy:
             ref[name].copy_(p.detach())
 
     @torch.no_grad()
-    def log_prob(self, batch: Dict[str, torch.Tensor], micro_batch_size: int) -> torch.Tensor:
-        """`[batch, response_len]` log-prob of every response token under the reference policy."""
-        resp_len = batch["response_mask"].shape[1]
-        parts = []
-        for sl in _slices(batch["input_ids"].shape[0], micro_batch_size):
-            ids = pad_sequence_dim(batch["input_ids"][sl], self.split)
-            parts.append(score_responses(self.module, ids, batch["prompt_lens"][sl], resp_len)[0])
-        return torch.cat(parts)
+    def log_prob(self, batch: Dict[str, torch.Tensor], micro_batch_size: int, max_tokens: int = 0) -> torch.Tensor:
+        """`[batch, response_len]` log-prob of every response token under the reference policy (micro-batched as
+        the actor's pi_old pass: `micro_batches.plan`). Collective when the job has several ranks."""
+        out = torch.zeros(batch["response_mask"].shape, device=batch["response_mask"].device)
+        for rows, mb in micro_batches(batch, micro_batch_size, max_tokens):
+            ids = pad_sequence_dim(mb["input_ids"], self.split)
+            lp = score_responses(self.module, ids, mb["prompt_lens"], out.shape[1])[0]
+            real = rows >= 0
+            out[rows[real]] = lp[real].to(out.dtype)
+        return out
 
     def save(self, path: Path) -> None:
         """Collective. Written into a temporary directory and renamed, so a crash leaves no half copy."""
