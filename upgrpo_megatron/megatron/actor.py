@@ -237,7 +237,6 @@ class MegatronActor:
         self.optimizer.zero_grad()
         dp = ps.get_data_parallel_world_size()
         metrics: Dict[str, list] = {}
-        weights: List[float] = []  # each micro-batch's response tokens: its metrics' weight
         finite = True
         for mb in micro_batches:
             R = mb["response_mask"].shape[1]
@@ -245,9 +244,9 @@ class MegatronActor:
             lp, ent, routing = self.forward(mb["input_ids"], mb["prompt_lens"], R,
                                             record_routing=record_routing, replay_routing=replay)
             loss, m = loss_fn(mb, lp, ent)
-            weights.append(float(mb["response_mask"].sum()))
+            tokens = float(mb["response_mask"].sum())  # the weight of this micro-batch's metrics
             for k, v in m.items():
-                metrics.setdefault(k, []).append((float(v), weights[-1]))
+                metrics.setdefault(k, []).append((float(v), tokens))
             if on_micro_batch is not None:
                 on_micro_batch(mb, routing, lp.detach())
             if not torch.isfinite(loss):

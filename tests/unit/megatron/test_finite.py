@@ -12,7 +12,7 @@ from upgrpo_megatron.megatron.actor import all_finite
 def test_one_bad_element_anywhere_is_found(bad):
     ts = [torch.randn(1000), torch.randn(7, 9), torch.randn(3)]
     assert all_finite(ts)
-    for i, t in enumerate(ts):
+    for i in range(len(ts)):
         broken = [x.clone() for x in ts]
         broken[i].view(-1)[-1] = bad
         assert not all_finite(broken)
