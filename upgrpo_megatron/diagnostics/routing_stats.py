@@ -16,7 +16,7 @@ Shapes and conventions
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -117,6 +117,29 @@ class RoutingMismatch:
         out = {f"{prefix}_layer_{k}": v for k, v in self.per_layer.items()}
         out.update({f"{prefix}_expert_{k}": v for k, v in self.per_expert.items()})
         return out
+
+
+def pair_frac_by_rows(experts_a: torch.Tensor, experts_b: torch.Tensor, mask: torch.Tensor, num_experts: int,
+                      groups: Sequence[Sequence[int]]) -> List[float]:
+    """`compute_routing_mismatch(...).scalars["pair_frac"]` of several row groups of one batch, from one pass:
+    per group (row indices into the batch), mismatched compared (token, layer) pairs over compared pairs (NaN
+    when a group compares none). The routing-drift diagnostics want it per micro-batch and per PPO epoch, where
+    the full comparison (per-layer and per-expert tables) per group cost more than the rest of the reduction."""
+    _check_routing("experts_a", experts_a, mask)
+    _check_routing("experts_b", experts_b, mask)
+    B, R, L, _ = experts_a.shape
+    real = mask > 0
+    compared = real.unsqueeze(-1) & _valid_ids(experts_a, num_experts) & _valid_ids(experts_b, num_experts)
+    flat_a, flat_b = experts_a.reshape(B * R, L, -1).long(), experts_b.reshape(B * R, L, -1).long()
+    differs = (_set_bits(flat_a, num_experts) != _set_bits(flat_b, num_experts)).any(-1).view(B, R, L)
+    mis = (differs & compared).sum((1, 2)).double()  # per row
+    n_pairs = compared.sum((1, 2)).double()
+    out = []
+    for rows in groups:
+        idx = torch.as_tensor(list(rows), dtype=torch.long)
+        den = float(n_pairs[idx].sum())
+        out.append(float(mis[idx].sum()) / den if den > 0 else NAN)
+    return out
 
 
 def compute_routing_mismatch(experts_a: torch.Tensor, experts_b: torch.Tensor, mask: torch.Tensor,

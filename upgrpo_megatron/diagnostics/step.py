@@ -27,6 +27,7 @@ from upgrpo_megatron.diagnostics.routing_stats import (
     check_capture_validity,
     compute_expert_load,
     compute_routing_mismatch,
+    pair_frac_by_rows,
 )
 from upgrpo_megatron.diagnostics.storage import DiagnosticsWriter, append_samples  # noqa: F401 (re-export)
 
@@ -156,16 +157,19 @@ class StepDiagnostics:
             m.update(dm)
             self.arrays.update(darr)
             if has_new:
-                per_mb = []
-                for e in sorted({i["epoch"] for i in items}):
-                    sel = [i for i in items if i["epoch"] == e]
-                    mm = compute_routing_mismatch(cat("old_routing", sel), cat("routing", sel), cat("mask", sel),
-                                                  self.E)
-                    m[f"routing/drift/pair_frac_epoch{e}"] = mm.scalars["pair_frac"]
-                for i in items:  # per micro-batch, in update order: does drift grow within the step?
-                    per_mb.append(compute_routing_mismatch(i["old_routing"], i["routing"], i["mask"], self.E)
-                                  .scalars["pair_frac"])
-                self.arrays["drift_pair_frac_per_micro_batch"] = torch.tensor(per_mb, dtype=torch.float64)
+                # row groups of the concatenation: each micro-batch (in update order: does drift grow within the
+                # step?) and each PPO epoch; one pass over the routing for all of them
+                starts = [0]
+                for i in items:
+                    starts.append(starts[-1] + i["mask"].shape[0])
+                per_mb = [range(a, b) for a, b in zip(starts[:-1], starts[1:])]
+                epochs = sorted({i["epoch"] for i in items})
+                per_epoch = [[r for i, rows in zip(items, per_mb) if i["epoch"] == e for r in rows] for e in epochs]
+                fracs = pair_frac_by_rows(cat("old_routing"), cat("routing"), cat("mask"), self.E, per_mb + per_epoch)
+                for e, f in zip(epochs, fracs[len(per_mb):]):
+                    m[f"routing/drift/pair_frac_epoch{e}"] = f
+                self.arrays["drift_pair_frac_per_micro_batch"] = torch.tensor(fracs[: len(per_mb)],
+                                                                              dtype=torch.float64)
         if self.writer is not None and self.arrays and step % self.save_every == 0:
             self.writer.write(step, self.arrays)
         self.arrays = {}

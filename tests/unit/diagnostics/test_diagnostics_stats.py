@@ -295,3 +295,28 @@ def test_sets_of_more_than_64_experts_compare_across_bitmask_words():
     assert mm.scalars["jaccard"] == approx((1 / 3 + 1) / 2)  # t0: {129} / {1, 65, 129}
     assert mm.per_expert["a_only"][0, 1] == 1 and mm.per_expert["b_only"][0, 65] == 1
     assert mm.per_expert["chosen_a"][0].sum() == 4 and mm.per_expert["a_only"][0].sum() == 1
+
+
+def test_pair_frac_by_rows_equals_the_full_comparison_of_each_group():
+    from upgrpo_megatron.diagnostics.routing_stats import pair_frac_by_rows
+
+    g = torch.Generator().manual_seed(5)
+    B, R, L, K, E = 12, 6, 3, 2, 70  # E > 64: two bitmask words
+    a = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(B * R * L)]).view(B, R, L, K)
+    b = a.clone()
+    flip = torch.rand(B, R, L, generator=g) < 0.3
+    b[flip] = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(int(flip.sum()))])
+    b[..., 0, :] = b[..., 0, :].flip(-1)  # the same set in another order is no mismatch
+    a[2, 1, 1, 0] = -1   # not captured: not compared
+    b[3, 0, 2, 1] = E    # out of range: not compared
+    mask = (torch.rand(B, R, generator=g) < 0.8).float()
+    mask[7] = 0          # a row with no tokens
+    groups = [range(0, 4), [4, 5, 6], [7], range(8, 12), [0, 11, 5]]
+    got = pair_frac_by_rows(a, b, mask, E, groups)
+    for rows, frac in zip(groups, got):
+        idx = torch.as_tensor(list(rows))
+        want = compute_routing_mismatch(a[idx], b[idx], mask[idx], E).scalars["pair_frac"]
+        if rows == [7]:
+            assert math.isnan(frac) and math.isnan(want)
+        else:
+            assert frac == pytest.approx(want, abs=1e-12) and 0 < frac < 1
