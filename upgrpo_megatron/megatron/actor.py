@@ -178,7 +178,8 @@ class MegatronActor:
         """pi_old pass: log-prob, entropy and (RECORD) routing for every response token, micro-batched
         (`micro_batches.plan`: cut to their longest row; packed by length with `micro_batch_tokens`).
         `keep_full_routing`: also the routing of every input position, "full_routing" `[batch, seq, layers, k]`
-        (what R2/R3 replay; 0 past a row's micro-batch cut, where nothing reads it), from the same forward pass."""
+        (what R2/R3 replay; experts 0..k-1 past a row's micro-batch cut, where no real token depends on it), from the
+        same forward pass."""
         self.model.eval()
         n, width = batch["input_ids"].shape
         R = batch["response_mask"].shape[1]
@@ -187,6 +188,8 @@ class MegatronActor:
         def put(key: str, rows: torch.Tensor, value: torch.Tensor, shape: tuple) -> None:
             if key not in out:
                 out[key] = torch.zeros((n, *shape), dtype=value.dtype, device=value.device)
+                if key == "full_routing":  # past a cut: a valid top-k (experts 0..k-1), in case it is replayed
+                    out[key].copy_(torch.arange(shape[-1], dtype=value.dtype, device=value.device).expand_as(out[key]))
             real = rows >= 0
             out[key][rows[real], : value.shape[1]] = value[real]
 
