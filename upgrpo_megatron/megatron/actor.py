@@ -30,7 +30,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
 
 from upgrpo_megatron.distributed import collective_device
-from upgrpo_megatron.megatron.micro_batches import micro_batches
+from upgrpo_megatron.megatron.micro_batches import micro_batches, per_row
 from upgrpo_megatron.megatron.model import build_gpt_model
 from upgrpo_megatron.megatron.optimizer import fuse_cpu_adam
 from upgrpo_megatron.megatron.sharding import grad_of
@@ -321,7 +321,6 @@ def split_micro_batches(batch: Batch, index: torch.Tensor, micro_batch_size: int
                         max_tokens: int = 0) -> Iterator[Batch]:
     """Rows `index` of `batch` as micro-batches of at most `micro_batch_size` rows, each cut to its longest row
     (`micro_batches.plan`; `max_tokens` > 0 packs rows by length). Collective when the job has several ranks."""
-    n = batch["input_ids"].shape[0]
-    rows = {k: v[index] for k, v in batch.items() if isinstance(v, torch.Tensor) and v.shape[:1] == (n,)}
+    rows = {k: v[index] for k, v in per_row(batch).items()}
     for _, mb in micro_batches(rows, micro_batch_size, max_tokens):
         yield mb

@@ -77,11 +77,16 @@ def plan(batch: Batch, micro_batch_size: int, max_tokens: int = 0) -> List[Tuple
             for g, (rows, cut) in zip(groups, shapes)]
 
 
+def per_row(batch: Batch) -> Batch:
+    """The entries of `batch` that hold one row per sample (tensors whose first dimension is the batch's)."""
+    n = batch["input_ids"].shape[0]
+    return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor) and v.shape[:1] == (n,)}
+
+
 def cut(batch: Batch, rows: torch.Tensor, length: int) -> Batch:
     """Rows `rows` of `batch` (-1: a masked copy of row 0), input positions cut to `length`. Entries that are
-    not per row (another first dimension, or not tensors) are left out."""
-    n = batch["input_ids"].shape[0]
-    out = take_rows({k: v for k, v in batch.items() if isinstance(v, torch.Tensor) and v.shape[:1] == (n,)}, rows)
+    not per row (`per_row`) are left out."""
+    out = take_rows(per_row(batch), rows)
     for k in SEQ_KEYS:
         if k in out:
             out[k] = out[k][:, :length]
