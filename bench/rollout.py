@@ -2,7 +2,8 @@
 
 Same random Qwen3-MoE weights, same prompts, n samples per prompt, exactly `max_tokens` new tokens each (no
 stop token), sampling at temperature 1, log-probs of the sampled tokens returned by both. Ours also returns
-rollout routing (one extra prefill replay); ours without routing is reported in `extra`. Also reported: engine
+rollout routing (captured during generation). What capture costs is measured in `extra` by interleaving the
+engine with capture on and off (decode capture, and the replay prefill it replaced). Also reported: engine
 start time and in-memory weight sync time. One run, same machine, same threads; the engine is started first and
 the two generators then alternate (`bench.common.interleave`: ratio = median of the pairwise ratios).
 
@@ -14,6 +15,7 @@ the two generators then alternate (`bench.common.interleave`: ratio = median of 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -88,9 +90,10 @@ def main(argv=None):
                            pairs=a.pairs)
         s = pairs.summary()
         ours, theirs = s["ours"], s["theirs"]
-        engine.capture_routing = False
-        ours_no_routing = timeit(lambda: engine.generate(prompts, **kw), warmup=0, repeats=repeats)
-        engine.capture_routing = True
+        capture = {}
+        for mode in ("decode", "replay"):  # seconds with capture on vs off, interleaved
+            capture[mode] = interleave(lambda m=mode: generate(engine, prompts, kw, m),
+                                       lambda: generate(engine, prompts, kw, None), pairs=a.pairs)
         state = list(model.state_dict().items())
         sync = timeit(lambda: engine.update_weights(state, version=1), warmup=1, repeats=repeats)
         sync_bytes = sum(t.numel() * t.element_size() for _, t in state)
@@ -102,7 +105,8 @@ def main(argv=None):
         config={**{k: v for k, v in c.items() if k != "model"}, **c["model"], "dtype": "float32",
                 "threads": torch.get_num_threads()},
         extra={"ours_s": ours, "theirs_s": theirs,
-               "ours_without_routing_tokens_per_s": tokens / ours_no_routing["median"],
+               "ours_without_routing_tokens_per_s": tokens / capture["decode"].summary()["theirs"]["median"],
+               **{f"capture_{m}": {"on_over_off": on_over_off(p), **p.summary()} for m, p in capture.items()},
                "engine_start_s": start_s, "weight_sync_s": sync, "weight_sync_bytes": sync_bytes,
                "weight_sync_GB_per_s": sync_bytes / sync["median"] / 1e9},
         path=a.results, pairs=pairs,
@@ -111,6 +115,26 @@ def main(argv=None):
     print(f"rollout: ours {ours_tps:.0f} tokens/s (without routing {no_routing:.0f}), transformers generate "
           f"{theirs_tps:.0f} tokens/s (medians), ratio {pairs.describe()}; engine start {start_s:.0f}s; "
           f"weight sync {sync['median']:.2f}s for {sync_bytes / 1e6:.1f} MB")
+    for m, p in capture.items():
+        r = on_over_off(p)
+        print(f"routing capture ({m}): rollout time with capture / without {r['median']:.3f} "
+              f"[{r['min']:.3f}-{r['max']:.3f}], {len(p.ours)} pairs")
+
+
+def on_over_off(p) -> dict:
+    """Median and range of the pairwise (seconds with capture) / (seconds without)."""
+    r = [o / t for o, t in zip(p.ours, p.theirs)]
+    return {"median": statistics.median(r), "min": min(r), "max": max(r)}
+
+
+def generate(engine, prompts, kw, mode):
+    """One rollout with routing capture in `mode` ("decode" | "replay"), or without capture (None)."""
+    engine.capture_routing = mode is not None
+    engine.capture_mode = mode or "decode"
+    try:
+        return engine.generate(prompts, **kw)
+    finally:
+        engine.capture_routing, engine.capture_mode = True, "decode"
 
 
 if __name__ == "__main__":

@@ -71,8 +71,9 @@ rm -rf "$OUT/rl"
 run_check rl_native_routing 300 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 tools/train_moe.py \
   recipes/qwen_moe.yaml trainer.run_dir="$OUT/rl" trainer.total_steps=5 sft_warmup.steps=100 trainer.eval_every=5 \
   model.dtype=bf16 rollout.dtype=bf16 trainer.report=false trainer.export_hf=false
-grep -q "rollout routing: native" "$OUT/rl_native_routing.log" \
-  || RESULT[rl_native_routing]="FAIL (routing was not returned natively) ${RESULT[rl_native_routing]}"
+{ grep -q "rollout routing: native" "$OUT/rl_native_routing.log" \
+    && ! grep -q "rollout routing: .*prefill replay" "$OUT/rl_native_routing.log"; } \
+  || RESULT[rl_native_routing]="FAIL (routing was not returned natively for every sample) ${RESULT[rl_native_routing]}"
 run_check weight_sync 30 "$PY" - "$OUT/rl" <<'EOF'
 import json, sys
 rows = [json.loads(l) for l in open(f"{sys.argv[1]}/metrics.jsonl")]

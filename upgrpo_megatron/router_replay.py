@@ -70,13 +70,14 @@ def merge_rollout_routing(full: torch.Tensor, local: Batch) -> torch.Tensor:
     """R3: the rollout engine's routing at response positions, the trainer's own at prompt positions.
 
     full: `[batch, seq, moe_layers, topk]` trainer routing of every input position; local["rollout_routing"]:
-    `[batch, response_len, moe_layers, topk]` (-1 where not captured: such rows keep the trainer's routing)."""
+    `[batch, response_len, moe_layers, topk]` (-1 where not captured, e.g. a response's last token, which the
+    engine never routes: such positions keep the trainer's routing)."""
     out = full.clone()
     for i in range(out.shape[0]):
         p = int(local["prompt_lens"][i])
         m = int(local["response_mask"][i].sum())
         if m:
             rr = local["rollout_routing"][i, :m]
-            if (rr >= 0).all():
-                out[i, p : p + m] = rr
+            ok = (rr >= 0).flatten(1).all(-1)  # positions whose every layer was captured
+            out[i, p : p + m][ok] = rr[ok].to(out.dtype)
     return out

