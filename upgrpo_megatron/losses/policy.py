@@ -129,10 +129,11 @@ def _common_counts(log_ratio, clip_log_ratio, clipped, lower, pos, mask, clip_hi
         log_r = torch.where(mask, log_ratio.detach(), 0.0)  # padding's inf / NaN never enter
         # sum r and sum r^2 over the A > 0 and the A <= 0 tokens, in float64; log r is capped at 300 so that every
         # r^2 and (sum r)^2 stays finite (a ratio above e^300 enters as e^300)
-        r = torch.exp(log_r.double().clamp(max=_RATIO_STATS_LOG_MAX)).reshape(-1)
+        # (only the selected tokens are widened: a float64 copy of the whole [batch, response_len] was 4x the
+        # bf16 inputs' memory)
         sums = []
         for sel in (pos_valid, neg_valid):
-            r_sel = r * sel.reshape(-1)
+            r_sel = torch.exp(log_r[sel].double().clamp(max=_RATIO_STATS_LOG_MAX))
             sums.append((r_sel.sum(), torch.dot(r_sel, r_sel)))
         # population variance (1/n) sum (r - mean)^2 = (sum r^2 - (sum r)^2 / n) / n
         (s1_pos, s2_pos), (s1_neg, s2_neg) = sums
