@@ -62,6 +62,8 @@ class RLStep:
             rollout = self.rollout.generate([p.prompt_ids for p in prompts], n=cfg.rollout.n,
                                             temperature=cfg.rollout.temperature,
                                             seed=cfg.trainer.seed * 100003 + step)
+        if rollout.samples and rollout.samples[0].routing is not None:  # how much routing the fallback gave
+            m["rollout/routing_replayed_frac"] = sum(s.routing_replayed for s in rollout.samples) / len(rollout)
         if rollout.weight_version != self.rollout.weight_version:
             raise TrainingStopped(f"rollout used weight version {rollout.weight_version}, actor is at "
                                   f"{self.rollout.weight_version}: the weight sync did not reach the engine")

@@ -86,6 +86,7 @@ def test_router_noise_makes_the_engine_route_differently_and_bypass_mode_puts_it
     # pi_old = the engine's log-probs: the ratio differs from 1 already in the first update
     assert abs(m["actor/ppo_kl"]) > 1e-5
     assert m["rollout/staleness"] == 0.0
+    assert m["rollout/routing_replayed_frac"] == 0.0  # all routing captured during generation, none replayed
 
 
 

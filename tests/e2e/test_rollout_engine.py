@@ -98,6 +98,7 @@ def test_engine_log_probs_match_transformers_fp32(tiny, rollout):
 
 def test_rollout_routing_has_the_right_shape_and_matches_transformers_topk(tiny, engine, rollout):
     assert engine.routing_source == "decode capture"
+    assert not any(s.routing_replayed for s in rollout.samples)
     for s in rollout.samples:
         assert s.routing.shape == (len(s.response_ids), TINY["num_hidden_layers"], TINY["num_experts_per_tok"])
         routed, last = s.routing[:-1], s.routing[-1]
@@ -140,7 +141,7 @@ def test_routing_replay_split_over_many_calls_gives_the_decode_captures_routing(
     monkeypatch.setattr(engine, "max_num_batched_tokens", 20)
     monkeypatch.setattr(engine, "capture_mode", "replay")
     again = engine.generate(PROMPTS, n=N, temperature=1.0, max_tokens=MAX_TOKENS, stop_token_ids=[STOP], seed=3)
-    assert engine.routing_source == "prefill replay"
+    assert engine.routing_source == "prefill replay" and all(s.routing_replayed for s in again.samples)
     assert [s.response_ids for s in again.samples] == [s.response_ids for s in rollout.samples]
     assert all(np.array_equal(a.routing, b.routing) for a, b in zip(again.samples, rollout.samples))
 

@@ -32,11 +32,14 @@ class CaptureValidityError(UpgrpoError, ValueError):
 
 
 def routed_mask(response_mask: torch.Tensor) -> torch.Tensor:
-    """The response tokens the engine routed: those followed by another response token (the last token of a
-    response is never fed back, and its routing influences no scored log-prob). Bool `[batch, response_len]`."""
+    """The response tokens an engine routed: every valid token but each row's last one (the last token of a
+    response is never fed back, and its routing influences no scored log-prob). Bool `[batch, response_len]`;
+    a mask with holes keeps them."""
     m = response_mask.bool()
-    out = torch.zeros_like(m)
-    out[:, :-1] = m[:, :-1] & m[:, 1:]
+    out = m.clone()
+    if m.numel():
+        last = (m * torch.arange(1, m.shape[-1] + 1, device=m.device)).argmax(-1)  # 0 for an empty row
+        out[torch.arange(m.shape[0], device=m.device), last] = False
     return out
 
 

@@ -47,8 +47,10 @@ def step_diagnostics(*, response_mask: torch.Tensor, advantages: torch.Tensor, o
     `[batch, response_len]`; train_routing, rollout_routing: `[batch, response_len, moe_layers, topk]` int64
     or None (not recorded / not captured: the routing statistics are skipped, the probability gap is not);
     router_scores: optional trainer router probabilities `[batch, response_len, moe_layers, num_experts]`.
-    The routing statistics (capture validity, loads, mismatch) cover the routed tokens, `routed_mask`: every
-    response token but the last, which the engine never routes; the ratio statistics cover every token.
+    The routing statistics (capture validity, loads, mismatch) and, when both routings are given, the ratio
+    statistics and histogram split by routing match cover the routed tokens, `routed_mask`: every response
+    token but the last, which the engine never routes. Without rollout routing the ratio histogram covers
+    every token.
 
     Metrics: `mismatch/routing/*` (RoutingMismatch scalars), `mismatch/*` (compute_prob_gap),
     `mismatch/ratio/*` (token-level pi_old/pi_rollout ratio stats by split, + expert_var_max),
@@ -76,12 +78,15 @@ def step_diagnostics(*, response_mask: torch.Tensor, advantages: torch.Tensor, o
         mm = compute_routing_mismatch(train_routing, rollout_routing, routed, num_experts, router_scores)
         m.update(mm.metrics("mismatch/routing"))
         arrays.update(mm.arrays("mismatch"))
-        ratio = compute_ratio_stats(log_ratio, train_routing, response_mask, advantages, mm.mismatched,
+        ratio = compute_ratio_stats(log_ratio, train_routing, routed, advantages, mm.mismatched,
                                     num_experts, clip_low, clip_high)
         m.update(ratio.metrics("mismatch/ratio"))
         arrays.update(ratio.arrays("train_rollout_ratio"))
         token_mis = mm.mismatched.any(-1)
-    arrays["hist_train_rollout"] = log_ratio_histogram(log_ratio, response_mask, advantages, token_mis)
+        hist_mask = routed  # split by routing match: only tokens whose routing was compared
+    else:
+        hist_mask = response_mask
+    arrays["hist_train_rollout"] = log_ratio_histogram(log_ratio, hist_mask, advantages, token_mis)
     return m, arrays
 
 

@@ -10,11 +10,14 @@ MoE layer, for the INPUT position that holds response token t (position `prompt_
 in one forward pass, which is what R3 replay and the train-vs-rollout mismatch need. (The log-prob of
 response token t comes from the logits at position `prompt_len + t - 1`; its routing is that of row t - 1.)
 The last response token is never fed back into the engine, so no engine routes it: its row is -1 (R3 keeps
-the trainer's routing there, the mismatch statistics leave it out; it influences no scored log-prob).
+the trainer's routing there; the routing statistics, the ratio statistics split by routing match and the
+routing_mask correction leave it out, see `diagnostics.routing_stats.routed_mask`; it influences no scored
+log-prob).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
@@ -40,6 +43,7 @@ class RolloutSample:
     log_probs: List[float]  # engine log-prob of each sampled token, [response_len]
     finish_reason: str  # "stop" (a stop token, included in response_ids) | "length"
     routing: Optional[np.ndarray] = None
+    routing_replayed: bool = False  # routing from the replay prefill (decode / native capture missed it)
 
 
 @dataclass
@@ -160,7 +164,6 @@ def merge_rank_batches(batches: Sequence[RolloutBatch], num_prompts: int) -> Rol
         for s in b.samples:
             if s.prompt_index >= len(own):
                 raise RolloutError(f"rank {r} returned prompt_index {s.prompt_index} but holds {len(own)} prompts")
-            merged.append(RolloutSample(own[s.prompt_index], s.sample_index, s.response_ids, s.log_probs,
-                                        s.finish_reason, s.routing))
+            merged.append(dataclasses.replace(s, prompt_index=own[s.prompt_index]))
     merged.sort(key=lambda s: (s.prompt_index, s.sample_index))
     return RolloutBatch(merged, versions.pop() if versions else 0, max((b.seconds for b in batches), default=0.0))

@@ -21,7 +21,14 @@ class DecodeCapture:
         from upgrpo_megatron.rollout import worker_ext
 
         if self.on:
-            self.engine._call(lambda: self.engine.llm.collective_rpc(worker_ext.start_decode_capture))
+            try:
+                self.engine._call(lambda: self.engine.llm.collective_rpc(worker_ext.start_decode_capture))
+            except BaseException:  # the worker may have started capturing: stop it, or later calls grow its buffers
+                try:
+                    self.engine._call(lambda: self.engine.llm.collective_rpc(worker_ext.stop_capture))
+                except Exception:
+                    pass
+                raise
         return self
 
     def __exit__(self, exc_type, *_) -> None:
@@ -66,6 +73,7 @@ def replay_routing(engine, prompt_token_ids: Sequence[Sequence[int]], samples: L
     per_seq = rows_per_sequence(worker_ext.unpack_capture(rec), seqs)
     for s, seq, rows in zip(samples, seqs, per_seq):
         s.routing = response_routing(rows, len(seq) - len(s.response_ids), len(s.response_ids))
+        s.routing_replayed = True
 
 
 def routing_source(decode: bool, on_gpu: bool, replayed: int, total: int) -> str:

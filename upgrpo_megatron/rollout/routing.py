@@ -45,8 +45,9 @@ def decode_rows(rec: dict) -> List[tuple]:
     their `[n, moe_layers, topk]` top-k ids. `rec` (from `worker_ext.stop_capture` after
     `start_decode_capture`) has, per forward pass, `steps` (input_ids, positions), `layers[layer_id]` and
     `batches` (request ids, query_start_loc): rows `qsl[i]:qsl[i + 1]` are request i's. A preempted request
-    computed again overwrites its positions. A request with a gap in its positions is dropped (its samples
-    then fall back to the replay)."""
+    computed again overwrites its positions. A request with a gap in its positions, rows that are not
+    consecutive positions, or a recompute that fed other tokens is dropped (its samples then fall back to the
+    replay): a mapping in doubt is never used."""
     layer_ids = list(rec["layer_ids"])
     batches = rec.get("batches") or []
     if len(batches) != len(rec["steps"]) or any(len(rec["layers"][lid]) != len(batches) for lid in layer_ids):
@@ -64,12 +65,18 @@ def decode_rows(rec: dict) -> List[tuple]:
             reqs.setdefault(rid, []).append((pos[a:b], ids[a:b], topk[a:b]))
     out = []
     for parts in reqs.values():
-        n = max(int(p.max()) + 1 for p, _, _ in parts if len(p))
+        parts = [x for x in parts if len(x[0])]
+        n = max(int(p.max()) + 1 for p, _, _ in parts) if parts else 0
         fed = np.full(n, -1, dtype=np.int64)
-        rows = np.full((n, *parts[0][2].shape[1:]), -1, dtype=np.int16)
+        rows = np.full((n, *parts[0][2].shape[1:]), -1, dtype=np.int16) if parts else None
+        ok = n > 0
         for p, i, t in parts:
+            # a request's rows are consecutive positions; a recompute must feed the same tokens again
+            if (np.diff(p) != 1).any() or ((fed[p] >= 0) & (fed[p] != i)).any():
+                ok = False
+                break
             fed[p], rows[p] = i, t
-        if (fed >= 0).all():
+        if ok and (fed >= 0).all():
             out.append((fed, rows))
     return out
 

@@ -10,7 +10,9 @@ containers into lists, while bytes pass unchanged.
 Routing capture binds a callback to every MoE router of the engine's model, as vLLM's own routed-experts
 capturer does (`BaseRouter.set_capture_fn`): the callback receives the logical top-k expert ids the engine
 chose, `[num_tokens, topk]`, for every forward pass. A forward pre-hook on the model records the token ids and
-positions of the same rows, so `routing.rows_per_sequence` can map rows back to sequences.
+positions of the same rows and, for decode capture (`start_decode_capture`, during generation), the model
+runner's request ids and `query_start_loc` of that pass, so `routing.decode_rows` maps rows to requests; for
+the replay prefill (`start_capture`) `routing.rows_per_sequence` maps them by positions and token ids.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ def test_step_diagnostics_names_metrics_in_full_and_skips_routing_when_not_captu
     m, arrays = step_diagnostics(response_mask=MASK4, advantages=ADV, old_log_prob=LP, rollout_log_prob=LP,
                                  train_routing=TRAIN4, rollout_routing=ROLL, num_experts=E, clip_low=0.2,
                                  clip_high=0.28)
-    # routing statistics over the 3 routed tokens (see test_diagnostics_stats), ratio statistics over all 4
+    # routing and ratio statistics over the 3 routed tokens (see test_diagnostics_stats)
     assert m["mismatch/routing/pair_frac"] == 0.5  # 3 of 6 pairs
     assert m["mismatch/token_mult_prob_error"] == 1.0  # same log-probs
     assert m["routing/rollout_capture/valid"] == 1.0 and m["routing/rollout_capture/padding_routes"] == 0
@@ -31,7 +31,7 @@ def test_step_diagnostics_names_metrics_in_full_and_skips_routing_when_not_captu
     assert m["mismatch/ratio/adv_pos/count"] == 3
     assert arrays["mismatch_expert_flip_rate"].shape == (2, E)
     assert arrays["train_rollout_ratio_var"].shape == (2, E, 2, 2)
-    assert arrays["hist_train_rollout"].sum() == 4
+    assert arrays["hist_train_rollout"].sum() == 3
     m2, arrays2 = step_diagnostics(response_mask=MASK, advantages=ADV, old_log_prob=LP, rollout_log_prob=LP,
                                    train_routing=TRAIN, rollout_routing=None, num_experts=E,
                                    clip_low=0.2, clip_high=0.28)

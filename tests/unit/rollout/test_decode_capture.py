@@ -69,6 +69,27 @@ def test_decode_routing_leaves_unmatched_or_gapped_requests_to_the_replay():
     assert one.shape == (1, L, K) and (one == -1).all()
 
 
+def test_a_request_whose_rows_are_in_doubt_is_left_to_the_replay():
+    # a recompute that fed other tokens than the first computation, and rows that are not consecutive positions
+    changed = _capture([[("a", [0, 1], [5, 6])], [("a", [2], [7])], [("a", [0, 1, 2], [5, 9, 7])]])
+    assert decode_rows(changed) == []
+    jumbled = _capture([[("a", [0, 2, 1], [5, 7, 6])]])
+    assert decode_rows(jumbled) == []
+    fine = _capture([[("a", [0, 1], [5, 6])], [("a", [2], [7])], [("a", [0, 1, 2], [5, 6, 7])]])
+    assert [f.tolist() for f, _ in decode_rows(fine)] == [[5, 6, 7]]
+
+
+def test_routing_mask_never_hits_the_unrouted_last_token_and_leaves_it_out_of_its_fractions():
+    from upgrpo_megatron.losses.correction import routing_mask_weights
+
+    train = torch.tensor([[[[0, 1]], [[2, 3]], [[4, 5]]]])  # 3 tokens, 1 layer
+    roll = torch.tensor([[[[0, 1]], [[2, 4]], [[-1, -1]]]])  # token 1 differs; token 2 never routed
+    u, m = routing_mask_weights(train, roll, torch.ones(1, 3), alpha=0.0, advantages=torch.ones(1, 3))
+    assert u.tolist() == [[1.0, 0.0, 1.0]]
+    assert m["routing_mask/masked_frac"] == pytest.approx(0.5)  # 1 hit of 2 routed tokens
+    assert m["routing_mask/masked_pos_frac"] == pytest.approx(0.5)
+
+
 def test_decode_capture_with_inconsistent_counts_is_an_error():
     rec = _capture([[("a", [0, 1], [5, 6])]])
     rec["batches"].append(rec["batches"][0])
@@ -86,6 +107,8 @@ def test_native_routing_without_the_last_fed_row_is_accepted():
 def test_routed_mask_drops_each_responses_last_token():
     mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
     assert routed_mask(mask).tolist() == [[True, True, False, False], [False] * 4, [True, True, True, False]]
+    holes = torch.tensor([[1, 0, 1, 1, 0], [0, 0, 0, 0, 0]])  # e.g. masked tool output inside a response
+    assert routed_mask(holes).tolist() == [[True, False, True, False, False], [False] * 5]
 
 
 def test_r3_merge_keeps_the_trainers_routing_where_the_engine_has_none():
