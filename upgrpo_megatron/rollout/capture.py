@@ -17,15 +17,18 @@ class DecodeCapture:
     def __init__(self, engine, on: bool):
         self.engine, self.on, self.rec = engine, on, None
 
+    def _rpc(self, fn):
+        return self.engine._call(lambda: self.engine.llm.collective_rpc(fn))
+
     def __enter__(self) -> "DecodeCapture":
         from upgrpo_megatron.rollout import worker_ext
 
         if self.on:
             try:
-                self.engine._call(lambda: self.engine.llm.collective_rpc(worker_ext.start_decode_capture))
+                self._rpc(worker_ext.start_decode_capture)
             except BaseException:  # the worker may have started capturing: stop it, or later calls grow its buffers
                 try:
-                    self.engine._call(lambda: self.engine.llm.collective_rpc(worker_ext.stop_capture))
+                    self._rpc(worker_ext.stop_capture)
                 except Exception:
                     pass
                 raise
@@ -37,7 +40,7 @@ class DecodeCapture:
         if not self.on:
             return
         try:  # always stop, so a failed generate leaves no capture running
-            rec = self.engine._call(lambda: self.engine.llm.collective_rpc(worker_ext.stop_capture))[0]
+            rec = self._rpc(worker_ext.stop_capture)[0]
         except Exception:
             if exc_type is None:
                 raise
@@ -82,5 +85,3 @@ def routing_source(decode: bool, on_gpu: bool, replayed: int, total: int) -> str
     if replayed and (decode or on_gpu):
         base += f" (prefill replay for {replayed} of {total} samples)"
     return base
-
-
