@@ -4,8 +4,9 @@
     R2    "routing replay" (as in slime/verl): the update replays the routing the trainer chose at pi_old, so
           the update's ratio compares the same experts (routing drift during the update is removed)
     R3    "rollout routing replay" (Ma et al. 2025): pi_old and the update replay the routing the ROLLOUT
-          ENGINE chose at response positions (the trainer's own at prompt positions), so train and inference
-          compute the same experts and the train-inference routing mismatch is removed
+          ENGINE chose at the positions that score the response (the last prompt position and every response
+          position but the last), so train and inference compute the same experts there; the other prompt
+          positions keep the trainer's own routing
 
 A strategy prepares this rank's batch for the pi_old pass and says which key the update replays. It talks to
 the actor only through `full_routing` and `compute_log_prob` (tensors `[batch, seq, moe_layers, topk]`).
@@ -49,7 +50,7 @@ class ReplayRolloutRouting(NoReplay):
 
     def old_log_prob(self, actor, local: Batch, micro_batch_size: int) -> Batch:
         # two passes: the trainer's own routing (recorded for the diagnostics, and used at prompt positions), then
-        # pi_old under the engine's routing at response positions
+        # pi_old under the engine's routing at the positions that score the response
         old = actor.compute_log_prob(local, micro_batch_size, record_routing=True, keep_full_routing=True)
         local["replay"] = merge_rollout_routing(old.pop("full_routing"), local)
         replayed = actor.compute_log_prob(local, micro_batch_size, record_routing=False, replay_key="replay")
@@ -67,11 +68,11 @@ def get_router_replay(name: str) -> NoReplay:
 
 
 def merge_rollout_routing(full: torch.Tensor, local: Batch) -> torch.Tensor:
-    """R3: the rollout engine's routing at response positions, the trainer's own at prompt positions.
+    """R3: the rollout engine's routing at the positions that score the response, the trainer's own elsewhere.
 
     full: `[batch, seq, moe_layers, topk]` trainer routing of every input position; local["rollout_routing"]:
-    `[batch, response_len, moe_layers, topk]` (-1 where not captured, e.g. a response's last token, which the
-    engine never routes: such positions keep the trainer's routing)."""
+    `[batch, response_len, moe_layers, topk]`, row t = input position prompt_len - 1 + t (-1 where not
+    captured: such positions keep the trainer's routing)."""
     out = full.clone()
     for i in range(out.shape[0]):
         p = int(local["prompt_lens"][i])
@@ -79,5 +80,5 @@ def merge_rollout_routing(full: torch.Tensor, local: Batch) -> torch.Tensor:
         if m:
             rr = local["rollout_routing"][i, :m]
             ok = (rr >= 0).flatten(1).all(-1)  # positions whose every layer was captured
-            out[i, p : p + m][ok] = rr[ok].to(out.dtype)
+            out[i, p - 1 : p - 1 + m][ok] = rr[ok].to(out.dtype)
     return out

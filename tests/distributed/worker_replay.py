@@ -47,14 +47,14 @@ before = router_weights()
 m = actor.train_step(split_micro_batches({**batch, "replay": other}, torch.arange(B), 8),
                      lambda mb, lp, ent: (-(lp * mb["response_mask"]).mean(), {}), replay_key="replay")
 after = router_weights()
-resp_own = own[:, P : P + R]
+resp_own = own[:, P - 1 : P - 1 + R]  # the positions that score the response
 res = {
     "routing_matches_record": bool(torch.equal(base["routing"], resp_own)),
     "own_max_diff": float((replay_own["log_prob"] - base["log_prob"]).abs().max()),
     "swapped_max_diff": float((replay_swapped["log_prob"] - base["log_prob"]).abs().max()),
     "other_max_diff": float((replay_other["log_prob"] - base["log_prob"]).abs().max()),
     "other_changed_frac": float(
-        (other[:, P : P + R].sort(-1).values != resp_own.sort(-1).values).any(-1).float().mean()
+        (other[:, P - 1 : P - 1 + R].sort(-1).values != resp_own.sort(-1).values).any(-1).float().mean()
     ),
     "router_params": len(before),
     "router_update": max(float((after[n] - before[n]).abs().max()) for n in before) if before else 0.0,

@@ -43,25 +43,24 @@ def build_tiny_model(seed: int = 0):
 
 
 def reference(model, prompt, response):
-    """transformers' log-prob of each response token, `[R]`, and the top-k experts of each response position
-    as an input, `[R, layers, topk]` (the rollout routing convention)."""
+    """transformers' log-prob of each response token, `[R]`, and the top-k experts of the position that scores
+    each response token (prompt_len - 1 + t), `[R, layers, topk]` (the rollout routing convention)."""
     ids = torch.tensor([list(prompt) + list(response)])
     with torch.no_grad():
         out = model(ids, output_router_logits=True)
     p = len(prompt)
     lp = torch.log_softmax(out.logits[0, :-1].float(), -1).gather(-1, ids[0, 1:, None]).squeeze(-1)[p - 1:]
-    topk = torch.stack([r.topk(TINY["num_experts_per_tok"], -1).indices[p:] for r in out.router_logits], dim=1)
+    topk = torch.stack([r.topk(TINY["num_experts_per_tok"], -1).indices[p - 1:-1] for r in out.router_logits], dim=1)
     return lp, topk
 
 
 def compare(model, prompts, batch):
-    """(mean |Δlog-prob|, max |Δlog-prob|, fraction of (token, layer) pairs with the same top-k set; the
-    last response token, which the engine never routes, is left out)."""
+    """(mean |Δlog-prob|, max |Δlog-prob|, fraction of (token, layer) pairs with the same top-k set)."""
     diffs, agree, total = [], 0, 0
     for s in batch.samples:
         lp, topk = reference(model, prompts[s.prompt_index], s.response_ids)
         diffs.append((lp - torch.tensor(s.log_probs, dtype=torch.float32)).abs())
-        for t in range(len(s.response_ids) - 1):
+        for t in range(len(s.response_ids)):
             for layer in range(topk.shape[1]):
                 total += 1
                 agree += set(topk[t, layer].tolist()) == set(s.routing[t, layer].tolist())
@@ -101,10 +100,8 @@ def test_rollout_routing_has_the_right_shape_and_matches_transformers_topk(tiny,
     assert not any(s.routing_replayed for s in rollout.samples)
     for s in rollout.samples:
         assert s.routing.shape == (len(s.response_ids), TINY["num_hidden_layers"], TINY["num_experts_per_tok"])
-        routed, last = s.routing[:-1], s.routing[-1]
-        assert (last == -1).all()  # the last token is never fed back: no engine routes it
-        assert routed.size == 0 or (routed.min() >= 0 and routed.max() < TINY["num_experts"])
-        assert all(len(set(row)) == len(row) for row in routed.reshape(-1, TINY["num_experts_per_tok"]).tolist())
+        assert s.routing.min() >= 0 and s.routing.max() < TINY["num_experts"]
+        assert all(len(set(row)) == len(row) for row in s.routing.reshape(-1, TINY["num_experts_per_tok"]).tolist())
     _, _, agreement = compare(tiny[1], PROMPTS, rollout)
     print(f"\nrouting top-k set agreement with transformers fp32: {agreement:.4f}")
     assert agreement >= MIN_ROUTING_AGREEMENT
@@ -212,9 +209,7 @@ def test_padded_tensors_from_a_real_rollout(rollout):
     lengths = torch.tensor([len(s.response_ids) for s in rollout.samples])
     assert torch.equal(t["response_mask"].sum(1), lengths)
     pad = t["response_mask"] == 0
-    last = torch.zeros_like(pad)
-    last[torch.arange(B), lengths - 1] = True  # never routed by the engine
-    assert (t["rollout_routing"][pad | last] == -1).all() and (t["rollout_routing"][~pad & ~last] >= 0).all()
+    assert (t["rollout_routing"][pad] == -1).all() and (t["rollout_routing"][~pad] >= 0).all()
     assert (t["rollout_log_prob"][~pad] <= 0).all() and (t["rollout_log_prob"][pad] == 0).all()
 
 

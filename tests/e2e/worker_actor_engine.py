@@ -18,7 +18,6 @@ def main():
 
     from upgrpo_megatron.convert import hf_config_to_model_cfg, load_hf_into_model, megatron_to_hf_stream
     from upgrpo_megatron.diagnostics import compute_routing_mismatch
-    from upgrpo_megatron.diagnostics.routing_stats import routed_mask
     from upgrpo_megatron.megatron.actor import MegatronActor, OptimSettings, split_micro_batches
     from upgrpo_megatron.megatron.parallel import ParallelSizes, init_model_parallel
     from upgrpo_megatron.megatron.sharding import iter_full_params
@@ -55,7 +54,7 @@ def main():
                  "response_mask": mask}
         out = actor.compute_log_prob(batch, 16)
         d_lp = ((out["log_prob"] - roll_lp).abs() * mask)
-        mis = compute_routing_mismatch(out["routing"], roll_r, routed_mask(mask), 8).scalars
+        mis = compute_routing_mismatch(out["routing"], roll_r, mask, 8).scalars
         return batch, out, {"lp_mean_abs": float(d_lp.sum() / mask.sum()), "lp_max_abs": float(d_lp.max()),
                             "pair_frac": mis["pair_frac"], "version": b.weight_version}
 

@@ -6,9 +6,10 @@ Shapes and conventions
 - `experts_*`: `[batch, response_len, layers, topk]` int64 expert ids; -1 = no route (padding, not captured).
   Slot 0 holds the highest-scoring expert (torch.topk order, used by Megatron's router and vLLM), which is
   what "top-1 agreement" compares.
-- `mask`: `[batch, response_len]`, 1 on real response tokens. Padding never counts. For the engine's routing
-  the trainer passes `routed_mask(response_mask)`: a response's last token is never fed back into the engine,
-  so no engine routes it (its row is -1) and it is left out of every train-vs-rollout comparison.
+- Row t of a response is the routing of the input position whose logits score response token t (see
+  `rollout/batch.py`), so a statistic attributed to "the token's experts" names the experts that computed its
+  log-prob at that position.
+- `mask`: `[batch, response_len]`, 1 on real response tokens. Padding never counts.
 - A (token, layer) *pair* is compared only when both sides hold `topk` ids in `[0, num_experts)`; pairs with
   a missing or out-of-range id are counted as `invalid_pairs` (a capture problem, see `check_capture_validity`),
   not as mismatches.
@@ -29,18 +30,6 @@ NAN = float("nan")
 
 class CaptureValidityError(UpgrpoError, ValueError):
     """Captured routing is unusable (missing routes, duplicate or out-of-range ids, all-zero layers)."""
-
-
-def routed_mask(response_mask: torch.Tensor) -> torch.Tensor:
-    """The response tokens an engine routed: every valid token but each row's last one (the last token of a
-    response is never fed back, and its routing influences no scored log-prob). Bool `[batch, response_len]`;
-    a mask with holes keeps them."""
-    m = response_mask.bool()
-    out = m.clone()
-    if m.numel():
-        last = (m * torch.arange(1, m.shape[-1] + 1, device=m.device)).argmax(-1)  # 0 for an empty row
-        out[torch.arange(m.shape[0], device=m.device), last] = False
-    return out
 
 
 def _check_routing(name: str, experts: torch.Tensor, mask: torch.Tensor) -> None:

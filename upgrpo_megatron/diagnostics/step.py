@@ -28,7 +28,6 @@ from upgrpo_megatron.diagnostics.routing_stats import (
     compute_expert_load,
     compute_routing_mismatch,
     pair_frac_by_rows,
-    routed_mask,
 )
 from upgrpo_megatron.diagnostics.storage import DiagnosticsWriter, append_samples  # noqa: F401 (re-export)
 
@@ -47,10 +46,7 @@ def step_diagnostics(*, response_mask: torch.Tensor, advantages: torch.Tensor, o
     `[batch, response_len]`; train_routing, rollout_routing: `[batch, response_len, moe_layers, topk]` int64
     or None (not recorded / not captured: the routing statistics are skipped, the probability gap is not);
     router_scores: optional trainer router probabilities `[batch, response_len, moe_layers, num_experts]`.
-    The routing statistics (capture validity, loads, mismatch) and, when both routings are given, the ratio
-    statistics and histogram split by routing match cover the routed tokens, `routed_mask`: every response
-    token but the last, which the engine never routes. Without rollout routing the ratio histogram covers
-    every token.
+    Every statistic covers the response tokens; a token's routing is that of the position that scored it.
 
     Metrics: `mismatch/routing/*` (RoutingMismatch scalars), `mismatch/*` (compute_prob_gap),
     `mismatch/ratio/*` (token-level pi_old/pi_rollout ratio stats by split, + expert_var_max),
@@ -63,30 +59,27 @@ def step_diagnostics(*, response_mask: torch.Tensor, advantages: torch.Tensor, o
     arrays: Arrays = {"hist_edges": HIST_EDGES}
     log_ratio = old_log_prob - rollout_log_prob
     token_mis = torch.zeros_like(response_mask, dtype=torch.bool)
-    routed = routed_mask(response_mask)
+    tokens = response_mask.bool()
     if rollout_routing is not None:
-        valid = check_capture_validity(rollout_routing, routed, num_experts)
+        valid = check_capture_validity(rollout_routing, tokens, num_experts)
         m.update({f"routing/rollout_capture/{k}": v for k, v in valid.items()})
-        load_s, load = compute_expert_load(rollout_routing, routed, num_experts)
+        load_s, load = compute_expert_load(rollout_routing, tokens, num_experts)
         m.update({f"routing/rollout_load/{k}": v for k, v in load_s.items()})
         arrays["load_rollout"] = load
     if train_routing is not None:
-        load_s, load = compute_expert_load(train_routing, routed, num_experts)
+        load_s, load = compute_expert_load(train_routing, tokens, num_experts)
         m.update({f"routing/train_load/{k}": v for k, v in load_s.items()})
         arrays["load_train"] = load
     if train_routing is not None and rollout_routing is not None:
-        mm = compute_routing_mismatch(train_routing, rollout_routing, routed, num_experts, router_scores)
+        mm = compute_routing_mismatch(train_routing, rollout_routing, tokens, num_experts, router_scores)
         m.update(mm.metrics("mismatch/routing"))
         arrays.update(mm.arrays("mismatch"))
-        ratio = compute_ratio_stats(log_ratio, train_routing, routed, advantages, mm.mismatched,
+        ratio = compute_ratio_stats(log_ratio, train_routing, tokens, advantages, mm.mismatched,
                                     num_experts, clip_low, clip_high)
         m.update(ratio.metrics("mismatch/ratio"))
         arrays.update(ratio.arrays("train_rollout_ratio"))
         token_mis = mm.mismatched.any(-1)
-        hist_mask = routed  # split by routing match: only tokens whose routing was compared
-    else:
-        hist_mask = response_mask
-    arrays["hist_train_rollout"] = log_ratio_histogram(log_ratio, hist_mask, advantages, token_mis)
+    arrays["hist_train_rollout"] = log_ratio_histogram(log_ratio, response_mask, advantages, token_mis)
     return m, arrays
 
 

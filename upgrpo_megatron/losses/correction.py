@@ -25,8 +25,8 @@ Arms (w_t = exp(log pi_trainer,t - log pi_rollout,t), valid tokens only; log w i
     routing_mask  u_t = alpha if the engine's and the trainer's top-k expert SETS differ in >= m MoE layers,
                   else 1 (alpha = 0: drop, m = 1); `only_negative` leaves A > 0 tokens at 1. A (token, layer)
                   with an id -1 (not captured) on either side is not compared, as in diagnostics/routing_stats.py,
-                  so a token whose routing was not captured is never masked; each response's last token,
-                  which no engine routes, keeps weight 1 and is left out of the masked_* fractions.
+                  so a token whose routing was not captured is never masked. A token's routing is that of the
+                  input position whose logits score it (the last prompt position for the first token).
 
 A weight of 0 does not take a token out of the loss's normalisers (verl's IS-weight semantics; verl's rejection
 sampling instead edits the response mask). To drop such tokens from the token count too, pass
@@ -40,7 +40,6 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from upgrpo_megatron.diagnostics.routing_stats import routed_mask
 from upgrpo_megatron.losses.aggregation import masked_sum
 
 CORRECTIONS = ("none", "tis", "icepop", "seq_mask_is", "routing_mask")
@@ -188,10 +187,10 @@ def routing_mask_weights(train_routing: torch.Tensor, rollout_routing: torch.Ten
             (0: drop it). only_negative: hit A <= 0 tokens only (needs advantages).
         advantages: `[batch, response_len]`, optional unless only_negative; with it the metrics split by sign.
     Returns:
-        (u `[batch, response_len]` of `dtype`, {"routing_mask/masked_frac": hit tokens / routed tokens, and with
-        advantages "routing_mask/masked_pos_frac" / "routing_mask/masked_neg_frac": hit tokens among the A > 0 /
-        A <= 0 routed tokens}). A "hit" token is one whose weight was set to alpha; routed tokens are the
-        response's tokens but its last (`routed_mask`), which no engine routes.
+        (u `[batch, response_len]` of `dtype`, {"routing_mask/masked_frac": hit tokens / response tokens, and
+        with advantages "routing_mask/masked_pos_frac" / "routing_mask/masked_neg_frac": hit tokens among the
+        A > 0 / A <= 0 tokens}). A "hit" token is one whose weight was set to alpha. A token's routing is that
+        of the position whose logits score it (`rollout/batch.py`).
     """
     _check_routing(train_routing, rollout_routing, response_mask)
     if not (isinstance(min_layers, int) and min_layers >= 1):
@@ -204,17 +203,16 @@ def routing_mask_weights(train_routing: torch.Tensor, rollout_routing: torch.Ten
         raise ValueError(f"advantages: shape {tuple(advantages.shape)} does not match response_mask's "
                          f"{tuple(response_mask.shape)}")
     mask = _bool(response_mask)
-    routed = routed_mask(mask)  # the tokens whose routing the engine could have recorded
-    hit = routed & (mismatched_layers(train_routing, rollout_routing) >= min_layers)
+    hit = mask & (mismatched_layers(train_routing, rollout_routing) >= min_layers)
     if only_negative:
         hit &= advantages <= 0
     # u_t = alpha if the routing differs in >= m layers, else 1
     u = torch.where(hit, float(alpha), mask.to(dtype))
-    counts = {"routing_mask/masked_frac": (_n(hit), _n(routed))}
+    counts = {"routing_mask/masked_frac": (_n(hit), _n(mask))}
     if advantages is not None:
-        pos = routed & (advantages > 0)
+        pos = mask & (advantages > 0)
         counts["routing_mask/masked_pos_frac"] = (_n(hit & pos), _n(pos))
-        counts["routing_mask/masked_neg_frac"] = (_n(hit & routed & ~pos), _n(routed & ~pos))
+        counts["routing_mask/masked_neg_frac"] = (_n(hit & ~pos), _n(mask & ~pos))
     return u, _floats(counts)
 
 

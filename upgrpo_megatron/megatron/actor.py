@@ -8,8 +8,8 @@ A batch is a dict of tensors for this data-parallel rank's share of the step (ve
     old_log_prob    [batch, response_len]   (written by `compute_log_prob`)
     routing         [batch, response_len, moe_layers, topk]   trainer routing at pi_old (RouterReplay RECORD)
     rollout_routing [batch, response_len, moe_layers, topk]   optional, from the rollout engine (R3)
-Response token t of row i is scored by the logits at input position prompt_lens[i] - 1 + t; its routing is
-the routing of input position prompt_lens[i] + t (the position that holds the token).
+Response token t of row i is scored by the logits at input position prompt_lens[i] - 1 + t; "its routing" (both
+routing keys) is the routing of that position, the one that scored it (see `rollout/batch.py`).
 """
 
 from __future__ import annotations
@@ -166,8 +166,8 @@ class MegatronActor:
         if routing_full is not None:
             routing_full = routing_full[:, :s]
             t = torch.arange(response_len, device=ids.device)
-            tok_pos = (prompt_lens.unsqueeze(1) + t).clamp(0, s - 1)
-            idx = tok_pos[:, :, None, None].expand(-1, -1, routing_full.shape[2], routing_full.shape[3])
+            score_pos = (prompt_lens.unsqueeze(1) - 1 + t).clamp(0, s - 1)  # the positions that score the tokens
+            idx = score_pos[:, :, None, None].expand(-1, -1, routing_full.shape[2], routing_full.shape[3])
             routing = routing_full.gather(1, idx)
         return log_prob, entropy, routing, routing_full
 

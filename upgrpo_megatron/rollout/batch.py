@@ -5,14 +5,12 @@ response to prompt i. Every batch records the `weight_version` the engine held w
 trainer can refuse rollouts from stale weights.
 
 Rollout routing convention: `RolloutSample.routing[t]` is the top-k expert ids the engine chose, in every
-MoE layer, for the INPUT position that holds response token t (position `prompt_len + t` of
-`prompt + response`). These are exactly the positions the trainer routes when it scores `prompt + response`
-in one forward pass, which is what R3 replay and the train-vs-rollout mismatch need. (The log-prob of
-response token t comes from the logits at position `prompt_len + t - 1`; its routing is that of row t - 1.)
-The last response token is never fed back into the engine, so no engine routes it: its row is -1 (R3 keeps
-the trainer's routing there; the routing statistics, the ratio statistics split by routing match and the
-routing_mask correction leave it out, see `diagnostics.routing_stats.routed_mask`; it influences no scored
-log-prob).
+MoE layer, at the INPUT position whose logits score response token t: position `prompt_len - 1 + t` of
+`prompt + response` (the last prompt position for the first token). The trainer scores the same positions
+when it scores `prompt + response` in one forward pass and records its routing there, so "a token's routing"
+is, on both sides, the routing of the computation that produced its log-prob: what the train-vs-rollout
+mismatch, the per-expert ratio statistics, the routing_mask correction and R3 replay use. The engine feeds
+every one of these positions (the last response token is sampled, never fed, and scores nothing).
 """
 
 from __future__ import annotations

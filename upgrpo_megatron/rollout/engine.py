@@ -7,9 +7,8 @@
     engine.shutdown()
 
 Rollout routing (`RolloutSample.routing`, `[response_len, moe_layers, topk]`): routing[t] = the top-k experts
-the engine chose for the INPUT position holding response token t (position prompt_len + t), the positions
-the trainer routes when it scores prompt + response (see `batch.py`). The last response token is never fed
-back, so no engine routes it: its row is -1 (it influences no scored log-prob).
+the engine chose at the INPUT position whose logits score response token t (position prompt_len - 1 + t), the
+positions the trainer routes when it scores prompt + response (see `batch.py`).
 - GPU builds that support it return routing natively (`enable_return_routed_experts`).
 - The CPU build cannot (that needs Model Runner V2 and Triton's CPU backend). By default
   (`capture_mode="decode"`) capture callbacks bound to the engine's MoE routers (`worker_ext`) record every

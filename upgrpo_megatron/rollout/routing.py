@@ -1,10 +1,10 @@
 """Turn routing the engine recorded into per-sample rollout routing `[response_len, moe_layers, topk]`.
 
-Three sources, one result (see `batch.py` for the position convention; the last response token is never fed
-back into the engine, so its row is always -1, whatever the source):
+Three sources, one result (see `batch.py` for the position convention: row t is the routing of input position
+`prompt_len - 1 + t`, the one whose logits score response token t; the engine feeds every one of them):
 - native (GPU vLLM with `enable_return_routed_experts=True`): `CompletionOutput.routed_experts`,
   `[positions, moe_layers, topk]` over the positions the engine computed; we keep rows
-  `prompt_len .. prompt_len + R - 2`.
+  `prompt_len - 1 .. prompt_len + R - 2`.
 - decode capture (CPU, the default): capture callbacks on the engine's routers (`worker_ext`) record every
   forward pass of the generation itself, with the request id of each row; `decode_rows` rebuilds each
   request's routing by position.
@@ -23,19 +23,20 @@ from upgrpo_megatron.rollout.batch import RolloutError
 
 
 def response_routing(rows: np.ndarray, prompt_len: int, response_len: int) -> np.ndarray:
-    """`[response_len, layers, topk]` int16 from the rows of positions `0 .. prompt_len + response_len - 2`
-    (what the engine computes; more rows are ignored): rows `prompt_len ..`, then -1 for the last response
-    token, which the engine never feeds back (its routing influences no scored log-prob)."""
-    out = np.full((response_len, *rows.shape[1:]), -1, dtype=np.int16)
-    out[:response_len - 1] = rows[prompt_len: prompt_len + response_len - 1]
-    return out
+    """`[response_len, layers, topk]` int16: the rows of positions `prompt_len - 1 .. prompt_len + response_len - 2`
+    (the positions whose logits score the response tokens) from the rows of positions `0 ..` (more rows than
+    `prompt_len + response_len - 1`, what the engine computes, are ignored)."""
+    if prompt_len < 1 or rows.shape[0] < prompt_len + response_len - 1:
+        raise RolloutError(f"routing: {rows.shape[0]} rows do not cover the {response_len} scoring positions of a "
+                           f"{prompt_len}-token prompt")
+    return np.ascontiguousarray(rows[prompt_len - 1: prompt_len - 1 + response_len], dtype=np.int16)
 
 
 def native_response_routing(routed: np.ndarray, prompt_len: int, response_len: int) -> Optional[np.ndarray]:
-    """Rows of the response positions from vLLM's native `routed_experts` `[positions, layers, topk]`, or None
-    when the engine did not record every fed response position (then the caller falls back to replay)."""
+    """Rows of the scoring positions from vLLM's native `routed_experts` `[positions, layers, topk]`, or None
+    when the engine did not record every one of them (then the caller falls back to replay)."""
     routed = np.asarray(routed)
-    if routed.ndim != 3 or routed.shape[0] < prompt_len + response_len - 1:
+    if routed.ndim != 3 or prompt_len < 1 or routed.shape[0] < prompt_len + response_len - 1:
         return None
     return response_routing(routed, prompt_len, response_len)
 

@@ -13,18 +13,12 @@ TRAIN = torch.tensor([[[[0, 1], [2, 3]], [[1, 0], [2, 0]], [[0, 1], [3, 2]], [[-
 ROLL = torch.tensor([[[[0, 1], [3, 2]], [[0, 2], [2, 0]], [[1, 2], [2, 1]], [[-1, -1], [-1, -1]]]])
 LP = torch.log(torch.tensor([[0.5, 0.1, 0.2, 1.0]]))
 ADV = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
-# the same tokens as a 4-token response: the engine never routes its last token (-1 in ROLL), the trainer does
-MASK4 = torch.ones(1, 4)
-TRAIN4 = TRAIN.clone()
-TRAIN4[0, 3] = torch.tensor([[0, 1], [2, 3]])
 
 
 def test_step_diagnostics_names_metrics_in_full_and_skips_routing_when_not_captured():
-    m, arrays = step_diagnostics(response_mask=MASK4, advantages=ADV, old_log_prob=LP, rollout_log_prob=LP,
-                                 train_routing=TRAIN4, rollout_routing=ROLL, num_experts=E, clip_low=0.2,
-                                 clip_high=0.28)
-    # routing and ratio statistics over the 3 routed tokens (see test_diagnostics_stats)
-    assert m["mismatch/routing/pair_frac"] == 0.5  # 3 of 6 pairs
+    m, arrays = step_diagnostics(response_mask=MASK, advantages=ADV, old_log_prob=LP, rollout_log_prob=LP,
+                                 train_routing=TRAIN, rollout_routing=ROLL, num_experts=E, clip_low=0.2, clip_high=0.28)
+    assert m["mismatch/routing/pair_frac"] == 0.5  # 3 of 6 pairs (see test_diagnostics_stats)
     assert m["mismatch/token_mult_prob_error"] == 1.0  # same log-probs
     assert m["routing/rollout_capture/valid"] == 1.0 and m["routing/rollout_capture/padding_routes"] == 0
     assert m["routing/train_load/max_over_mean"] == 2.0

@@ -248,16 +248,11 @@ def seq_mask_is(trainer_lp, rollout_lp, mask, low=0.999, high=1.001):
 
 def routing_mask(train_routing, rollout_routing, mask, min_layers=1, alpha=0.0, only_negative=False, advantages=None):
     """u = alpha on tokens whose top-k expert SETS differ in >= min_layers layers (a layer with -1 on either side
-    is not compared), 1 elsewhere; with only_negative, A > 0 tokens are left at 1. A row's last valid token is
-    never routed by an engine: weight 1, not counted in the fractions."""
+    is not compared), 1 elsewhere; with only_negative, A > 0 tokens are left at 1."""
     u = torch.zeros(mask.shape, dtype=torch.float64)
     n = hit_n = pos_n = pos_hit = neg_n = neg_hit = 0
     for i in range(mask.shape[0]):
-        tokens = list(valid_tokens(mask, i))
-        for t in tokens:
-            if t == tokens[-1]:
-                u[i, t] = 1.0
-                continue
+        for t in valid_tokens(mask, i):
             differing = 0
             for layer in range(train_routing.shape[2]):
                 a = [int(e) for e in train_routing[i, t, layer]]

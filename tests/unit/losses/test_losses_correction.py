@@ -131,21 +131,20 @@ def test_routing_mask_matches_its_definition(min_layers, alpha, only_negative):
 
 
 def test_routing_mask_compares_sets_and_never_masks_uncaptured_tokens():
-    train = torch.tensor([[[[1, 2], [3, 4]]] * 5])  # [1, 5, 2, 2]
+    train = torch.tensor([[[[1, 2], [3, 4]], [[1, 2], [3, 4]], [[1, 2], [3, 4]], [[1, 2], [3, 4]]]])  # [1, 4, 2, 2]
     rollout = torch.tensor([[[[2, 1], [4, 3]],      # same sets, other order: kept
                              [[1, 5], [3, 4]],      # one layer differs: hit
                              [[-1, -1], [-1, -1]],  # not captured: never masked
-                             [[1, 5], [-1, -1]],    # differs in layer 0; layer 1 not captured: 1 differing layer
-                             [[-1, -1], [-1, -1]]]])  # the last token: no engine routes it, never counted
-    mask = torch.ones(1, 5, dtype=torch.bool)
-    assert mismatched_layers(train, rollout).tolist() == [[0, 1, 0, 1, 0]]
+                             [[1, 5], [-1, -1]]]])  # differs in layer 0; layer 1 not captured: 1 differing layer
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    assert mismatched_layers(train, rollout).tolist() == [[0, 1, 0, 1]]
     u, m = routing_mask_weights(train, rollout, mask)
-    assert u.tolist() == [[1.0, 0.0, 1.0, 0.0, 1.0]] and m["routing_mask/masked_frac"] == 0.5  # 2 of 4 routed
+    assert u.tolist() == [[1.0, 0.0, 1.0, 0.0]] and m["routing_mask/masked_frac"] == 0.5
     u2, _ = routing_mask_weights(train, rollout, mask, min_layers=2)
-    assert u2.tolist() == [[1.0] * 5]
-    adv = torch.tensor([[1.0, 1.0, -1.0, -1.0, -1.0]])
+    assert u2.tolist() == [[1.0] * 4]
+    adv = torch.tensor([[1.0, 1.0, -1.0, -1.0]])
     u3, m3 = routing_mask_weights(train, rollout, mask, alpha=0.5, only_negative=True, advantages=adv)
-    assert u3.tolist() == [[1.0, 1.0, 1.0, 0.5, 1.0]]
+    assert u3.tolist() == [[1.0, 1.0, 1.0, 0.5]]
     assert m3 == {"routing_mask/masked_frac": 0.25, "routing_mask/masked_pos_frac": 0.0,
                   "routing_mask/masked_neg_frac": 0.5}
 
