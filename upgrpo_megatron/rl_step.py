@@ -81,7 +81,8 @@ class RLStep:
                                max_prompt_length=cfg.data.max_prompt_length,
                                max_response_length=cfg.data.max_response_length,
                                pad_token_id=self.task.tokenizer.pad_token_id,
-                               num_moe_layers=self.actor.num_moe_layers, topk=cfg.model.moe_router_topk)
+                               num_moe_layers=self.actor.num_moe_layers, topk=cfg.model.moe_router_topk,
+                               prompt_routing=self.replay.needs_prompt_routing)
         # 4. pi_old, 5. diagnostics, 6. update, 7. weight sync
         with timer(m, "old_log_prob"):
             self._old_log_prob(batch)

@@ -40,3 +40,12 @@ def test_after_an_optimizer_step_the_sync_makes_the_engine_follow_the_new_actor(
 
 def test_perturbing_the_actor_router_raises_the_routing_mismatch(result):
     assert result["router_perturbed"]["pair_frac"] > result["after_sync"]["pair_frac"] + 0.05
+
+
+def test_r3_replaying_the_engines_routing_at_every_computed_position_closes_the_routing_gap(result):
+    # the actor's router is perturbed (the routing differs on > 5% of pairs); R3 replays the engine's expert
+    # choices, so what is left of the log-prob gap comes from the combine weights of the perturbed router
+    free, r3 = result["router_perturbed"]["lp_mean_abs"], result["r3"]
+    print(f"\nmean |log-prob gap|: free routing {free:.3g}, R3 response positions only {r3['response_only']:.3g}, "
+          f"R3 every position {r3['full']:.3g}")
+    assert r3["full"] < r3["response_only"] < free

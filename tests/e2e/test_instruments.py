@@ -1,7 +1,8 @@
-"""The mismatch instruments on the real trainer (torchrun, Megatron actor, vLLM engine), two short runs:
+"""The mismatch instruments on the real trainer (torchrun, Megatron actor, vLLM engine), three short runs:
 
 A  T = 0.7, a 2-step LR warm-up, a KL loss to the reference policy, checkpoints every step
 B  router noise on the engine's routers and pi_old taken from the engine (bypass mode)
+C  the same noise with R3 (the engine's routing replayed by the trainer)
 """
 import json
 import os
@@ -137,3 +138,19 @@ def test_up_grpo_gradient_of_a_positive_tokens_ignores_the_mismatch_while_dapo_f
         assert torch.allclose(g, torch.ones_like(g), rtol=1e-10), "UP-GRPO's A > 0 gradient depends on pi_old"
     spread = [float(g.std()) for g in scaled["vanilla"]]
     assert spread[0] < 1e-5 and spread[-1] > 1e-3, spread  # r ~ 1 without noise, spread out with it
+
+
+@pytest.fixture(scope="module")
+def run_c(tmp_path_factory):
+    d = tmp_path_factory.mktemp("instruments") / "c"
+    return train(d, "rollout.router_noise=1.0", "algorithm.router_replay=R3", "trainer.total_steps=1")
+
+
+def test_r3_in_the_trainer_replays_the_engines_routing_and_closes_most_of_the_log_prob_gap(run_b, run_c):
+    # same seed and noise as run B, so the same rollouts; B's pi_old routes freely, C's replays the engine's
+    # routing at every position the engine computed (prompt included)
+    free, r3 = run_b[1], run_c[1]
+    assert r3["mismatch/routing/pair_frac"] == pytest.approx(free["mismatch/routing/pair_frac"])  # own routing
+    print(f"\nmean |log-prob gap| engine vs pi_old: free {free['mismatch/abs_log_prob_diff_mean']:.3g}, "
+          f"R3 {r3['mismatch/abs_log_prob_diff_mean']:.3g}")
+    assert r3["mismatch/abs_log_prob_diff_mean"] < 0.5 * free["mismatch/abs_log_prob_diff_mean"]

@@ -43,27 +43,31 @@ def build_tiny_model(seed: int = 0):
 
 
 def reference(model, prompt, response):
-    """transformers' log-prob of each response token, `[R]`, and the top-k experts of the position that scores
-    each response token (prompt_len - 1 + t), `[R, layers, topk]` (the rollout routing convention)."""
+    """transformers' log-prob of each response token, `[R]`, and the top-k experts of every input position,
+    `[P + R, layers, topk]`."""
     ids = torch.tensor([list(prompt) + list(response)])
     with torch.no_grad():
         out = model(ids, output_router_logits=True)
     p = len(prompt)
     lp = torch.log_softmax(out.logits[0, :-1].float(), -1).gather(-1, ids[0, 1:, None]).squeeze(-1)[p - 1:]
-    topk = torch.stack([r.topk(TINY["num_experts_per_tok"], -1).indices[p - 1:-1] for r in out.router_logits], dim=1)
+    topk = torch.stack([r.topk(TINY["num_experts_per_tok"], -1).indices for r in out.router_logits], dim=1)
     return lp, topk
 
 
 def compare(model, prompts, batch):
-    """(mean |Δlog-prob|, max |Δlog-prob|, fraction of (token, layer) pairs with the same top-k set)."""
+    """(mean |Δlog-prob|, max |Δlog-prob|, fraction of (position, layer) pairs with the same top-k set over every
+    position the engine computed: `prompt_routing` = positions 0 .. P - 2, `routing` = P - 1 .. P + R - 2, the
+    positions that score the response tokens)."""
     diffs, agree, total = [], 0, 0
     for s in batch.samples:
         lp, topk = reference(model, prompts[s.prompt_index], s.response_ids)
         diffs.append((lp - torch.tensor(s.log_probs, dtype=torch.float32)).abs())
-        for t in range(len(s.response_ids)):
+        engine = np.concatenate([s.prompt_routing, s.routing])
+        assert len(s.prompt_routing) == len(prompts[s.prompt_index]) - 1
+        for t in range(len(engine)):
             for layer in range(topk.shape[1]):
                 total += 1
-                agree += set(topk[t, layer].tolist()) == set(s.routing[t, layer].tolist())
+                agree += set(topk[t, layer].tolist()) == set(engine[t, layer].tolist())
     d = torch.cat(diffs)
     return d.mean().item(), d.max().item(), agree / total
 
@@ -127,6 +131,7 @@ def test_same_seed_gives_the_same_rollouts_and_another_seed_does_not(engine, rol
     for a, b in zip(again.samples, rollout.samples):
         np.testing.assert_allclose(a.log_probs, b.log_probs, rtol=0, atol=1e-5)
     assert all(np.array_equal(a.routing, b.routing) for a, b in zip(again.samples, rollout.samples))
+    assert all(np.array_equal(a.prompt_routing, b.prompt_routing) for a, b in zip(again.samples, rollout.samples))
     other = engine.generate(PROMPTS, n=N, temperature=1.0, max_tokens=MAX_TOKENS, stop_token_ids=[STOP], seed=4)
     assert [s.response_ids for s in other.samples] != [s.response_ids for s in rollout.samples]
 
@@ -141,6 +146,7 @@ def test_routing_replay_split_over_many_calls_gives_the_decode_captures_routing(
     assert engine.routing_source == "prefill replay" and all(s.routing_replayed for s in again.samples)
     assert [s.response_ids for s in again.samples] == [s.response_ids for s in rollout.samples]
     assert all(np.array_equal(a.routing, b.routing) for a, b in zip(again.samples, rollout.samples))
+    assert all(np.array_equal(a.prompt_routing, b.prompt_routing) for a, b in zip(again.samples, rollout.samples))
 
 
 def test_decode_capture_follows_requests_the_engine_preempts(tmp_path, monkeypatch):

@@ -1,7 +1,7 @@
 """torchrun worker (1 rank): the Megatron actor and the vLLM engine on the same weights.
 
 Writes JSON to --out: log-prob agreement and routing agreement actor-vs-engine, mismatch after perturbing the
-actor's router, and agreement after an optimizer step + weight sync.
+actor's router, and agreement after an optimizer step + weight sync; R3's log-prob gap on the perturbed actor.
 """
 import argparse
 import json
@@ -23,6 +23,7 @@ def main():
     from upgrpo_megatron.megatron.sharding import iter_full_params
     from upgrpo_megatron.rollout import RolloutEngine
     from upgrpo_megatron.rollout.batch import pad_right
+    from upgrpo_megatron.router_replay import ReplayRolloutRouting
 
     torch.manual_seed(0)
     hf_cfg = Qwen3MoeConfig(vocab_size=32, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -45,13 +46,16 @@ def main():
         mask = torch.zeros(len(seqs), R)
         roll_lp = torch.zeros(len(seqs), R)
         roll_r = torch.full((len(seqs), R, 2, 2), -1, dtype=torch.long)
+        roll_pr = torch.full((len(seqs), max(map(len, prompts)), 2, 2), -1, dtype=torch.long)
         for i, s in enumerate(b.samples):
             mask[i, : len(s.response_ids)] = 1
             roll_lp[i, : len(s.response_ids)] = torch.tensor(s.log_probs)
             roll_r[i, : len(s.response_ids)] = torch.as_tensor(s.routing, dtype=torch.long)
+            roll_pr[i, : len(s.prompt_routing)] = torch.as_tensor(s.prompt_routing, dtype=torch.long)
         batch = {"input_ids": pad_right(seqs, 0),
                  "prompt_lens": torch.tensor([len(prompts[s.prompt_index]) for s in b.samples]),
-                 "response_mask": mask}
+                 "response_mask": mask, "rollout_routing": roll_r, "rollout_prompt_routing": roll_pr,
+                 "rollout_log_prob": roll_lp}
         out = actor.compute_log_prob(batch, 16)
         d_lp = ((out["log_prob"] - roll_lp).abs() * mask)
         mis = compute_routing_mismatch(out["routing"], roll_r, mask, 8).scalars
@@ -82,7 +86,17 @@ def main():
         for n, p in actor.module.named_parameters():
             if n.endswith("mlp.router.weight"):
                 p.add_(0.5 * p.std() * torch.randn_like(p))
-    _, _, res["router_perturbed"] = rollout_and_score(4)
+    p_batch, _, res["router_perturbed"] = rollout_and_score(4)
+
+    # R3 (the trainer's code path) on the perturbed actor: replaying the engine's routing must close most of the
+    # log-prob gap, and replaying the prompt positions too must close more than the response positions alone
+    def r3_gap(local):
+        old = ReplayRolloutRouting().old_log_prob(actor, dict(local), 16)
+        m = local["response_mask"]
+        return float(((old["log_prob"] - local["rollout_log_prob"]).abs() * m).sum() / m.sum())
+
+    no_prompt = {k: v for k, v in p_batch.items() if k != "rollout_prompt_routing"}
+    res["r3"] = {"full": r3_gap(p_batch), "response_only": r3_gap(no_prompt)}
     engine.shutdown()
     json.dump(res, open(a.out, "w"), indent=1)
 

@@ -11,6 +11,8 @@ when it scores `prompt + response` in one forward pass and records its routing t
 is, on both sides, the routing of the computation that produced its log-prob: what the train-vs-rollout
 mismatch, the per-expert ratio statistics, the routing_mask correction and R3 replay use. The engine feeds
 every one of these positions (the last response token is sampled, never fed, and scores nothing).
+`RolloutSample.prompt_routing` holds the engine's routing of the remaining prompt positions, so R3 can replay
+the engine's routing at every position the engine computed.
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ class RolloutError(UpgrpoError, RuntimeError):
 
 @dataclass
 class RolloutSample:
-    """One response. `routing`: `[response_len, moe_layers, topk]` expert ids (int16 to keep large batches
-    small in memory and in transfers; `pad_rollout_batch` returns int64), or None when capture is off."""
+    """One response. `routing`: `[response_len, moe_layers, topk]` expert ids at the positions that score the
+    response (int16 to keep large batches small in memory and in transfers; `pad_rollout_batch` returns int64),
+    or None when capture is off; `prompt_routing`: `[prompt_len - 1, moe_layers, topk]`, the engine's routing of
+    the other prompt positions (0 .. prompt_len - 2), set with `routing` (R3 replays both)."""
 
     prompt_index: int
     sample_index: int
@@ -41,6 +45,7 @@ class RolloutSample:
     log_probs: List[float]  # engine log-prob of each sampled token, [response_len]
     finish_reason: str  # "stop" (a stop token, included in response_ids) | "length"
     routing: Optional[np.ndarray] = None
+    prompt_routing: Optional[np.ndarray] = None
     routing_replayed: bool = False  # routing from the replay prefill (decode / native capture missed it)
 
 
@@ -124,19 +129,21 @@ def pad_right(rows: Sequence[Sequence[int]], pad: int, length: Optional[int] = N
 
 def training_batch(batch: RolloutBatch, prompt_ids: Sequence[Sequence[int]], keep: Sequence[int],
                    advantages: torch.Tensor, *, max_prompt_length: int, max_response_length: int, pad_token_id: int,
-                   num_moe_layers: int, topk: int) -> Dict[str, torch.Tensor]:
+                   num_moe_layers: int, topk: int, prompt_routing: bool = False) -> Dict[str, torch.Tensor]:
     """The actor's tensors for the kept samples `keep` of a rollout (see `megatron/actor.py` for the layout).
 
     prompt_ids: token ids of every prompt, indexed by `RolloutSample.prompt_index`; advantages: `[len(batch)]`
     per sample. Returns input_ids `[n, max_prompt_length + max_response_length]` (prompt + response, right
     padded), prompt_lens `[n]`, response_mask / advantages / rollout_log_prob `[n, R]` float32,
-    rollout_routing `[n, R, moe_layers, topk]` (-1 where not captured) and group `[n]` (the prompt index)."""
+    rollout_routing `[n, R, moe_layers, topk]` (-1 where not captured) and group `[n]` (the prompt index); with
+    `prompt_routing`, rollout_prompt_routing `[n, max_prompt_length, moe_layers, topk]`: row j = the engine's
+    routing of prompt position j < prompt_len - 1 (-1 elsewhere and where not captured)."""
     kept = RolloutBatch([batch.samples[i] for i in keep], batch.weight_version)
     t = pad_rollout_batch(kept, response_len=max_response_length, pad_token_id=pad_token_id,
                           num_moe_layers=num_moe_layers, topk=topk)
     prompts = [list(prompt_ids[s.prompt_index]) for s in kept.samples]
     mask = t["response_mask"].to(torch.float32)
-    return {
+    out = {
         "input_ids": pad_right([p + list(s.response_ids) for p, s in zip(prompts, kept.samples)], pad_token_id,
                                length=max_prompt_length + max_response_length),
         "prompt_lens": torch.tensor([len(p) for p in prompts]),
@@ -146,6 +153,17 @@ def training_batch(batch: RolloutBatch, prompt_ids: Sequence[Sequence[int]], kee
         "rollout_routing": t["rollout_routing"],
         "group": t["prompt_index"],
     }
+    if prompt_routing:
+        pr = torch.full((len(prompts), max_prompt_length, num_moe_layers, topk), -1, dtype=torch.long)
+        for i, s in enumerate(kept.samples):
+            if s.prompt_routing is not None and len(s.prompt_routing):
+                rows = np.asarray(s.prompt_routing)[:max_prompt_length]
+                if rows.shape[1:] != (num_moe_layers, topk):
+                    raise RolloutError(f"sample {keep[i]}: prompt routing of shape {rows.shape}, expected "
+                                       f"[positions, {num_moe_layers}, {topk}]")
+                pr[i, : len(rows)] = torch.as_tensor(rows, dtype=torch.long)
+        out["rollout_prompt_routing"] = pr
+    return out
 
 
 def merge_rank_batches(batches: Sequence[RolloutBatch], num_prompts: int) -> RolloutBatch:

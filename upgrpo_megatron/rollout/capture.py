@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import List, Sequence
 
 from upgrpo_megatron.rollout.batch import RolloutSample
-from upgrpo_megatron.rollout.routing import decode_routing, response_routing, rows_per_sequence, token_groups
+from upgrpo_megatron.rollout.routing import decode_routing, rows_per_sequence, sample_routing, token_groups
 
 
 class DecodeCapture:
@@ -50,10 +50,11 @@ class DecodeCapture:
     def fill(self, prompt_token_ids: Sequence[Sequence[int]], samples: List[RolloutSample]) -> None:
         if self.rec is None:
             return
-        rows = decode_routing(self.rec, [prompt_token_ids[s.prompt_index] for s in samples],
-                              [s.response_ids for s in samples])
-        for s, r in zip(samples, rows):
-            s.routing = r
+        prompts = [prompt_token_ids[s.prompt_index] for s in samples]
+        rows = decode_routing(self.rec, prompts, [s.response_ids for s in samples])
+        for s, p, r in zip(samples, prompts, rows):
+            if r is not None:
+                s.prompt_routing, s.routing = sample_routing(r, len(p), len(s.response_ids))
 
 
 def replay_routing(engine, prompt_token_ids: Sequence[Sequence[int]], samples: List[RolloutSample]) -> None:
@@ -75,7 +76,7 @@ def replay_routing(engine, prompt_token_ids: Sequence[Sequence[int]], samples: L
         rec = engine._call(lambda: engine.llm.apply_model(worker_ext.stop_capture))[0]
     per_seq = rows_per_sequence(worker_ext.unpack_capture(rec), seqs)
     for s, seq, rows in zip(samples, seqs, per_seq):
-        s.routing = response_routing(rows, len(seq) - len(s.response_ids), len(s.response_ids))
+        s.prompt_routing, s.routing = sample_routing(rows, len(seq) - len(s.response_ids), len(s.response_ids))
         s.routing_replayed = True
 
 

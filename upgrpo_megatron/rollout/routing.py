@@ -1,10 +1,10 @@
 """Turn routing the engine recorded into per-sample rollout routing `[response_len, moe_layers, topk]`.
 
-Three sources, one result (see `batch.py` for the position convention: row t is the routing of input position
-`prompt_len - 1 + t`, the one whose logits score response token t; the engine feeds every one of them):
+Three sources, one result, `sample_routing`: the response routing (see `batch.py` for the position convention:
+row t is the routing of input position `prompt_len - 1 + t`, the one whose logits score response token t) and
+the prompt routing (positions `0 .. prompt_len - 2`, which R3 replays too):
 - native (GPU vLLM with `enable_return_routed_experts=True`): `CompletionOutput.routed_experts`,
-  `[positions, moe_layers, topk]` over the positions the engine computed; we keep rows
-  `prompt_len - 1 .. prompt_len + R - 2`.
+  `[positions, moe_layers, topk]` over the positions the engine computed.
 - decode capture (CPU, the default): capture callbacks on the engine's routers (`worker_ext`) record every
   forward pass of the generation itself, with the request id of each row; `decode_rows` rebuilds each
   request's routing by position.
@@ -15,30 +15,34 @@ Pure numpy: no vLLM.
 
 from __future__ import annotations
 
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from upgrpo_megatron.rollout.batch import RolloutError
 
 
-def response_routing(rows: np.ndarray, prompt_len: int, response_len: int) -> np.ndarray:
-    """`[response_len, layers, topk]` int16: the rows of positions `prompt_len - 1 .. prompt_len + response_len - 2`
-    (the positions whose logits score the response tokens) from the rows of positions `0 ..` (more rows than
-    `prompt_len + response_len - 1`, what the engine computes, are ignored)."""
+def sample_routing(rows: np.ndarray, prompt_len: int, response_len: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(prompt routing, response routing) int16 from the rows of positions `0 ..` of prompt + response (the
+    engine computes `prompt_len + response_len - 1` of them; more rows are ignored):
+    prompt routing `[prompt_len - 1, layers, topk]` = positions `0 .. prompt_len - 2` (they score no response
+    token; R3 replays them); response routing `[response_len, layers, topk]` = positions
+    `prompt_len - 1 .. prompt_len + response_len - 2`, the positions whose logits score the response tokens."""
     if prompt_len < 1 or rows.shape[0] < prompt_len + response_len - 1:
         raise RolloutError(f"routing: {rows.shape[0]} rows do not cover the {response_len} scoring positions of a "
                            f"{prompt_len}-token prompt")
-    return np.ascontiguousarray(rows[prompt_len - 1: prompt_len - 1 + response_len], dtype=np.int16)
+    return (np.ascontiguousarray(rows[:prompt_len - 1], dtype=np.int16),
+            np.ascontiguousarray(rows[prompt_len - 1: prompt_len - 1 + response_len], dtype=np.int16))
 
 
-def native_response_routing(routed: np.ndarray, prompt_len: int, response_len: int) -> Optional[np.ndarray]:
-    """Rows of the scoring positions from vLLM's native `routed_experts` `[positions, layers, topk]`, or None
-    when the engine did not record every one of them (then the caller falls back to replay)."""
+def native_routing(routed: np.ndarray, prompt_len: int, response_len: int
+                   ) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """`sample_routing` from vLLM's native `routed_experts` `[positions, layers, topk]`, or None when the engine
+    did not record every position it computed (then the caller falls back to replay)."""
     routed = np.asarray(routed)
     if routed.ndim != 3 or prompt_len < 1 or routed.shape[0] < prompt_len + response_len - 1:
         return None
-    return response_routing(routed, prompt_len, response_len)
+    return sample_routing(routed, prompt_len, response_len)
 
 
 def decode_rows(rec: dict) -> List[tuple]:
@@ -84,16 +88,17 @@ def decode_rows(rec: dict) -> List[tuple]:
 
 def decode_routing(rec: dict, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]
                    ) -> List[Optional[np.ndarray]]:
-    """Rollout routing `[R, moe_layers, topk]` of each (prompt, response) from a decode capture, or None for a
-    sample no request matches. A request is matched by what it fed: prompt + response[:-1] (requests that fed
-    the same tokens are interchangeable)."""
+    """The rows of positions `0 .. P + R - 2` (every position the engine fed) of each (prompt, response) from
+    a decode capture (`sample_routing` splits them), or None for a sample no request matches or with an empty
+    response. A request is matched by what it fed: prompt + response[:-1] (requests that fed the same tokens
+    are interchangeable)."""
     by_tokens: dict = {}
     for fed, rows in decode_rows(rec):
         by_tokens.setdefault(tuple(fed.tolist()), []).append(rows)
     out: List[Optional[np.ndarray]] = []
     for prompt, resp in zip(prompts, responses):
         bucket = by_tokens.get(tuple(int(t) for t in list(prompt) + list(resp)[:-1]))
-        out.append(response_routing(bucket.pop(0), len(prompt), len(resp)) if bucket and len(resp) else None)
+        out.append(bucket.pop(0) if bucket and len(resp) else None)
     return out
 
 

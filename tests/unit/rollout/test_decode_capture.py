@@ -1,6 +1,6 @@
 """Decode capture's bookkeeping without an engine: rows of interleaved, chunked, preempted requests back to
-samples; which rows a response gets (the positions that score its tokens); R3's merge and the diagnostics
-with those rows."""
+samples; which rows a response gets (the positions that score its tokens) and its prompt (the positions before);
+R3's merge and the diagnostics with those rows."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from upgrpo_megatron.diagnostics.routing_stats import check_capture_validity
 from upgrpo_megatron.diagnostics.step import step_diagnostics
 from upgrpo_megatron.rollout.batch import RolloutError
-from upgrpo_megatron.rollout.routing import decode_routing, decode_rows, native_response_routing
+from upgrpo_megatron.rollout.routing import decode_routing, decode_rows, native_routing, sample_routing
 from upgrpo_megatron.router_replay import merge_rollout_routing
 
 L, K = 2, 2
@@ -54,9 +54,13 @@ def test_decode_rows_follow_requests_through_chunks_reordering_and_preemption():
         assert np.array_equal(got[fed], np.array([_route(req, p) for p in range(5)], dtype=np.int16))
     # a's response: 20, 21, 22 (22 never fed), scored at positions 2, 3, 4; b's: 11, 12, 13, 14 at 1 .. 4
     out = decode_routing(rec, [a_prompt, b_prompt], [[20, 21, 22], [11, 12, 13, 14]])
-    assert np.array_equal(out[0], np.array([_route("a", p) for p in (2, 3, 4)]))
-    assert np.array_equal(out[1], np.array([_route("b", p) for p in (1, 2, 3, 4)]))
-    assert out[0].shape == (3, L, K) and out[0].dtype == np.int16
+    a_prompt_rows, a_rows = sample_routing(out[0], 3, 3)
+    b_prompt_rows, b_rows = sample_routing(out[1], 2, 4)
+    assert np.array_equal(a_rows, np.array([_route("a", p) for p in (2, 3, 4)]))
+    assert np.array_equal(b_rows, np.array([_route("b", p) for p in (1, 2, 3, 4)]))
+    assert np.array_equal(a_prompt_rows, np.array([_route("a", p) for p in (0, 1)]))
+    assert np.array_equal(b_prompt_rows, np.array([_route("b", 0)]))
+    assert a_rows.shape == (3, L, K) and a_rows.dtype == np.int16 and a_prompt_rows.dtype == np.int16
 
 
 def test_decode_routing_leaves_unmatched_or_gapped_requests_to_the_replay():
@@ -67,7 +71,8 @@ def test_decode_routing_leaves_unmatched_or_gapped_requests_to_the_replay():
     assert out[0] is not None and out[1] is not None  # same fed tokens: interchangeable requests
     assert out[2] is None  # no request fed [1]
     one = decode_routing(rec, [[5, 6, 7]], [[3]])[0]  # a one-token response: scored at the last prompt position
-    assert one.shape == (1, L, K) and np.array_equal(one[0], _route("a", 2))
+    prompt_rows, rows = sample_routing(one, 3, 1)
+    assert rows.shape == (1, L, K) and np.array_equal(rows[0], _route("a", 2)) and len(prompt_rows) == 2
 
 
 def test_a_request_whose_rows_are_in_doubt_is_left_to_the_replay():
@@ -99,23 +104,51 @@ def test_decode_capture_with_inconsistent_counts_is_an_error():
         decode_rows(rec)
 
 
-def test_native_routing_takes_the_rows_that_score_the_response():
+def test_native_routing_takes_the_rows_that_score_the_response_and_the_prompt_before_them():
     routed = np.arange(6 * L * K).reshape(6, L, K)  # vLLM computes prompt (3) + response (4) - 1 positions
-    got = native_response_routing(routed, 3, 4)
-    assert np.array_equal(got, routed[2:6])
-    assert native_response_routing(routed[:5], 3, 4) is None  # a scoring position missing: replay
-    assert native_response_routing(routed, 0, 4) is None
+    prompt_rows, rows = native_routing(routed, 3, 4)
+    assert np.array_equal(rows, routed[2:6]) and np.array_equal(prompt_rows, routed[:2])
+    assert native_routing(routed[:5], 3, 4) is None  # a scoring position missing: replay
+    assert native_routing(routed, 0, 4) is None
+    one_token_prompt, rows = native_routing(routed, 1, 4)
+    assert one_token_prompt.shape == (0, L, K) and np.array_equal(rows, routed[:4])
+    with pytest.raises(RolloutError, match="do not cover"):
+        sample_routing(routed[:4], 3, 4)
 
 
-def test_r3_merge_replays_the_scoring_positions_and_keeps_the_trainers_routing_where_the_engine_has_none():
-    full = torch.zeros(1, 6, L, K, dtype=torch.long)  # prompt 2 + response 4
-    roll = torch.full((1, 4, L, K), 5, dtype=torch.long)
-    roll[0, 2, 1] = -1  # token 2's scoring position (3) not captured in one layer
-    local = {"prompt_lens": torch.tensor([2]), "response_mask": torch.ones(1, 4), "rollout_routing": roll}
-    out = merge_rollout_routing(full, local)
-    assert (out[0, 0] == 0).all() and (out[0, 1:3] == 5).all() and (out[0, 3] == 0).all()
-    assert (out[0, 4] == 5).all() and (out[0, 5] == 0).all()  # the last position scores nothing: trainer's
+def test_r3_merge_replays_every_position_the_engine_computed_and_keeps_the_trainers_routing_elsewhere():
+    full = torch.zeros(2, 7, L, K, dtype=torch.long)  # row 0: prompt 3 + response 4; row 1: prompt 2 + response 2
+    roll = torch.full((2, 4, L, K), 5, dtype=torch.long)
+    roll[0, 2, 1] = -1  # token 2's scoring position (4) not captured in one layer
+    roll[1, 2:] = -1    # row 1's padding
+    prompt = torch.full((2, 3, L, K), 7, dtype=torch.long)
+    prompt[:, 2] = -1   # only positions 0 .. prompt_len - 2 are prompt routing
+    local = {"prompt_lens": torch.tensor([3, 2]), "response_mask": torch.tensor([[1.0] * 4, [1, 1, 0, 0]]),
+             "rollout_routing": roll}
+    out = merge_rollout_routing(full, local)  # no prompt routing: the trainer's at positions 0 .. P - 2
+    assert (out[0, :2] == 0).all() and (out[0, 2:4] == 5).all() and (out[0, 4] == 0).all()
+    assert (out[0, 5] == 5).all() and (out[0, 6] == 0).all()  # the last position scores nothing: trainer's
+    assert (out[1, 0] == 0).all() and (out[1, 1:3] == 5).all() and (out[1, 3:] == 0).all()
+    out = merge_rollout_routing(full, {**local, "rollout_prompt_routing": prompt})
+    assert (out[0, :2] == 7).all() and (out[0, 2:4] == 5).all() and (out[0, 4] == 0).all()
+    assert (out[1, 0] == 7).all() and (out[1, 1:3] == 5).all() and (out[1, 3:] == 0).all()
     assert (full == 0).all()  # the input is not modified
+
+
+def test_training_batch_carries_the_prompt_routing_only_when_asked():
+    from upgrpo_megatron.rollout.batch import RolloutBatch, RolloutSample, training_batch
+
+    samples = [RolloutSample(0, 0, [4, 5], [-0.1, -0.2], "stop", routing=np.full((2, L, K), 1, np.int16),
+                             prompt_routing=np.full((2, L, K), 3, np.int16)),
+               RolloutSample(1, 0, [6], [-0.3], "stop")]  # routing not captured
+    kw = dict(max_prompt_length=4, max_response_length=3, pad_token_id=0, num_moe_layers=L, topk=K)
+    args = (RolloutBatch(samples), [[1, 2, 3], [9]], [0, 1], torch.ones(2))
+    assert "rollout_prompt_routing" not in training_batch(*args, **kw)
+    pr = training_batch(*args, **kw, prompt_routing=True)["rollout_prompt_routing"]
+    assert pr.shape == (2, 4, L, K) and (pr[0, :2] == 3).all() and (pr[0, 2:] == -1).all() and (pr[1] == -1).all()
+    samples[0].prompt_routing = np.zeros((2, L + 1, K), np.int16)
+    with pytest.raises(RolloutError, match="prompt routing of shape"):
+        training_batch(*args, **kw, prompt_routing=True)
 
 
 def test_step_diagnostics_count_padding_out_and_a_missing_row_inside_a_response_as_a_capture_error():
