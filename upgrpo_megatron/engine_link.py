@@ -122,6 +122,7 @@ class RolloutClient:
     def _start_engine(self):
         from upgrpo_megatron.convert import hf_shapes, model_cfg_to_hf_config
         from upgrpo_megatron.rollout import RolloutEngine
+        from upgrpo_megatron.router_replay import get_router_replay
 
         cfg, p, r = self.cfg, self.placement, self.cfg.rollout
         d = self.init_dir / f"rank_{rank()}"  # per rank: SPMD engine groups start together, each reads its own
@@ -132,6 +133,7 @@ class RolloutClient:
             str(d), dtype={"fp32": "float32", "bf16": "bfloat16"}.get(r.dtype, r.dtype), seed=cfg.trainer.seed,
             max_model_len=cfg.data.max_prompt_length + cfg.data.max_response_length, kv_cache_gib=r.kv_cache_gib,
             enforce_eager=r.enforce_eager, capture_routing=r.capture_routing,
+            keep_prompt_routing=get_router_replay(cfg.algorithm.router_replay).needs_prompt_routing,
             gpu_memory_utilization=r.gpu_memory_utilization, shapes=hf_shapes(cfg.model), load_format="dummy",
             tensor_parallel_size=p.group_size if p.in_process else 1, external_launcher=p.in_process,
         )

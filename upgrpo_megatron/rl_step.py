@@ -162,6 +162,7 @@ class RLStep:
         batch["routing"] = gather_rows(old["routing"], n, dp.size, dp.group)
         if "replay" in local:
             batch["replay"] = gather_rows(local["replay"], n, dp.size, dp.group)
+        batch.pop("rollout_prompt_routing", None)  # R3 has merged it into "replay": not carried into the update
 
     def _correction(self, batch: Batch) -> Dict[str, float]:
         """Per-token weights from the engine-vs-trainer ratio w = pi_old(trainer) / pi_rollout, or from the two

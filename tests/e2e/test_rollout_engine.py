@@ -149,6 +149,13 @@ def test_routing_replay_split_over_many_calls_gives_the_decode_captures_routing(
     assert all(np.array_equal(a.prompt_routing, b.prompt_routing) for a, b in zip(again.samples, rollout.samples))
 
 
+def test_an_engine_that_does_not_keep_the_prompt_routing_drops_it_and_keeps_the_rest(engine, monkeypatch):
+    # only R3 replays the prompt positions; otherwise they would travel to every rank for nothing
+    monkeypatch.setattr(engine, "keep_prompt_routing", False)
+    b = engine.generate(PROMPTS[:2], n=2, temperature=1.0, max_tokens=4, stop_token_ids=[STOP], seed=3)
+    assert all(s.prompt_routing is None and s.routing is not None for s in b.samples)
+
+
 def test_decode_capture_follows_requests_the_engine_preempts(tmp_path, monkeypatch):
     # 120-token prompts and a KV cache of three 128-token blocks: past position 128 a request needs a second
     # block, so vLLM preempts and later recomputes requests mid-generation; each sample must still get its own

@@ -7,7 +7,9 @@ A batch is a dict of tensors for this data-parallel rank's share of the step (ve
     advantages      [batch, response_len]
     old_log_prob    [batch, response_len]   (written by `compute_log_prob`)
     routing         [batch, response_len, moe_layers, topk]   trainer routing at pi_old (RouterReplay RECORD)
-    rollout_routing [batch, response_len, moe_layers, topk]   optional, from the rollout engine (R3)
+    rollout_routing [batch, response_len, moe_layers, topk]   optional, from the rollout engine
+    rollout_prompt_routing [batch, prompt_width, moe_layers, topk]   optional, the engine's, prompt positions (R3)
+    replay          [batch, seq, moe_layers, topk]   optional, what R2/R3 replay (`router_replay.py`)
 Response token t of row i is scored by the logits at input position prompt_lens[i] - 1 + t; "its routing" (both
 routing keys) is the routing of that position, the one that scored it (see `rollout/batch.py`).
 """
@@ -48,6 +50,20 @@ class OptimSettings:
     lr_warmup_steps: int = 0
     lr_schedule: str = "constant"  # constant | cosine
     total_steps: int = 1
+
+
+def scoring_positions(prompt_lens: torch.Tensor, response_len: int, width: int) -> torch.Tensor:
+    """`[batch, response_len]`: the input position whose logits score response token t, prompt_lens - 1 + t
+    (clamped into `[0, width)`: past a row's end, i.e. padding, the last position is repeated)."""
+    t = torch.arange(response_len, device=prompt_lens.device)
+    return (prompt_lens.unsqueeze(1) - 1 + t).clamp(0, width - 1)
+
+
+def scoring_routing(routing_full: torch.Tensor, prompt_lens: torch.Tensor, response_len: int) -> torch.Tensor:
+    """`[batch, response_len, layers, k]` from the routing of every input position `[batch, seq, layers, k]`:
+    row t is the routing of the position that scores response token t (`scoring_positions`)."""
+    pos = scoring_positions(prompt_lens.to(routing_full.device), response_len, routing_full.shape[1])
+    return routing_full.gather(1, pos[:, :, None, None].expand(-1, -1, *routing_full.shape[2:]))
 
 
 class MegatronActor:
@@ -165,10 +181,7 @@ class MegatronActor:
         routing = None
         if routing_full is not None:
             routing_full = routing_full[:, :s]
-            t = torch.arange(response_len, device=ids.device)
-            score_pos = (prompt_lens.unsqueeze(1) - 1 + t).clamp(0, s - 1)  # the positions that score the tokens
-            idx = score_pos[:, :, None, None].expand(-1, -1, routing_full.shape[2], routing_full.shape[3])
-            routing = routing_full.gather(1, idx)
+            routing = scoring_routing(routing_full, prompt_lens, response_len)
         return log_prob, entropy, routing, routing_full
 
     # ------------------------------------------------------------------ old log-probs
@@ -312,8 +325,7 @@ def score_responses(model, ids: torch.Tensor, prompt_lens: torch.Tensor, respons
     targets = torch.nn.functional.pad(ids[:, 1:], (0, 1))
     out = model(ids, pos, None, labels=targets)  # [batch, seq, 2]: log-prob, entropy
     lp_all, ent_all = out[:, :-1, 0], out[:, :-1, 1]  # [batch, seq_padded - 1]
-    t = torch.arange(response_len, device=ids.device)
-    score_pos = (prompt_lens.unsqueeze(1) - 1 + t).clamp(0, lp_all.shape[1] - 1)
+    score_pos = scoring_positions(prompt_lens.to(ids.device), response_len, lp_all.shape[1])
     return lp_all.gather(1, score_pos), ent_all.gather(1, score_pos)
 
 

@@ -136,8 +136,8 @@ def training_batch(batch: RolloutBatch, prompt_ids: Sequence[Sequence[int]], kee
     per sample. Returns input_ids `[n, max_prompt_length + max_response_length]` (prompt + response, right
     padded), prompt_lens `[n]`, response_mask / advantages / rollout_log_prob `[n, R]` float32,
     rollout_routing `[n, R, moe_layers, topk]` (-1 where not captured) and group `[n]` (the prompt index); with
-    `prompt_routing`, rollout_prompt_routing `[n, max_prompt_length, moe_layers, topk]`: row j = the engine's
-    routing of prompt position j < prompt_len - 1 (-1 elsewhere and where not captured)."""
+    `prompt_routing`, rollout_prompt_routing `[n, max_prompt_length, moe_layers, topk]` int16: row j = the
+    engine's routing of prompt position j < prompt_len - 1 (-1 elsewhere and where not captured)."""
     kept = RolloutBatch([batch.samples[i] for i in keep], batch.weight_version)
     t = pad_rollout_batch(kept, response_len=max_response_length, pad_token_id=pad_token_id,
                           num_moe_layers=num_moe_layers, topk=topk)
@@ -153,15 +153,15 @@ def training_batch(batch: RolloutBatch, prompt_ids: Sequence[Sequence[int]], kee
         "rollout_routing": t["rollout_routing"],
         "group": t["prompt_index"],
     }
-    if prompt_routing:
-        pr = torch.full((len(prompts), max_prompt_length, num_moe_layers, topk), -1, dtype=torch.long)
+    if prompt_routing:  # int16 as captured (R3 widens it where it replays it)
+        pr = torch.full((len(prompts), max_prompt_length, num_moe_layers, topk), -1, dtype=torch.int16)
         for i, s in enumerate(kept.samples):
             if s.prompt_routing is not None and len(s.prompt_routing):
-                rows = np.asarray(s.prompt_routing)[:max_prompt_length]
-                if rows.shape[1:] != (num_moe_layers, topk):
-                    raise RolloutError(f"sample {keep[i]}: prompt routing of shape {rows.shape}, expected "
-                                       f"[positions, {num_moe_layers}, {topk}]")
-                pr[i, : len(rows)] = torch.as_tensor(rows, dtype=torch.long)
+                rows = np.asarray(s.prompt_routing)
+                if rows.shape[1:] != (num_moe_layers, topk) or len(rows) > max_prompt_length:
+                    raise RolloutError(f"sample {keep[i]}: prompt routing of shape {list(rows.shape)}, expected "
+                                       f"[< {max_prompt_length}, {num_moe_layers}, {topk}]")
+                pr[i, : len(rows)] = torch.as_tensor(rows.astype(np.int16))
         out["rollout_prompt_routing"] = pr
     return out
 

@@ -122,7 +122,7 @@ class RolloutEngine:
 
     def __init__(self, hf_dir: str, *, dtype: str = "float32", seed: int = 0, max_model_len: int = 256,
                  kv_cache_gib: float = 1.0, enforce_eager: bool = True, capture_routing: bool = True,
-                 capture_mode: str = "decode",
+                 capture_mode: str = "decode", keep_prompt_routing: bool = True,
                  num_moe_layers: Optional[int] = None, topk: Optional[int] = None,
                  logprobs_mode: str = "processed_logprobs", gpu_memory_utilization: float = 0.6,
                  max_num_seqs: int = 256, shapes: Optional[Dict[str, Tuple[int, ...]]] = None,
@@ -147,6 +147,7 @@ class RolloutEngine:
                 raise RolloutError(f"{name}={given} does not match {cfg_path} ({real})")
         self.max_model_len = int(max_model_len)
         self.capture_routing = capture_routing
+        self.keep_prompt_routing = keep_prompt_routing  # RolloutSample.prompt_routing (only R3 reads it)
         if capture_mode not in ("decode", "replay"):
             raise RolloutError(f"capture_mode={capture_mode!r}: must be 'decode' or 'replay'")
         self.capture_mode = capture_mode
@@ -254,6 +255,9 @@ class RolloutEngine:
             if missing:
                 replay_routing(self, prompt_token_ids, missing)
             self.routing_source = routing_source(decode, self.on_gpu, len(missing), len(samples))
+        if not self.keep_prompt_routing:  # before the batch travels to other ranks: it can outweigh the rest
+            for s in samples:
+                s.prompt_routing = None
         return RolloutBatch(samples, self.weight_version, time.perf_counter() - t0)
 
     # ---------------------------------------------------------------------------------------------- weights

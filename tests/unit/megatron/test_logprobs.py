@@ -37,3 +37,20 @@ def test_sequence_log_probs_scores_the_next_token():
     assert lp.shape == ent.shape == (2, 4)
     expected = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
     torch.testing.assert_close(lp, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_tokens_routing_and_its_log_prob_come_from_the_same_position_at_mixed_prompt_lengths():
+    from upgrpo_megatron.megatron.actor import score_responses, scoring_routing
+
+    B, S, R, L, K = 3, 9, 4, 2, 2
+    prompt_lens = torch.tensor([2, 5, 3])
+
+    def model(ids, pos, mask, labels):  # "log-prob" and "entropy" of every position = the position itself
+        return torch.stack([pos.float(), pos.float()], dim=-1)
+
+    lp, _ = score_responses(model, torch.zeros(B, S, dtype=torch.long), prompt_lens, R)
+    assert lp[0].tolist() == [1.0, 2.0, 3.0, 4.0]  # token t of a 2-token prompt: scored at position 1 + t
+    routing_full = torch.arange(S).view(1, S, 1, 1).expand(B, S, L, K)  # every position routed to "itself"
+    routing = scoring_routing(routing_full, prompt_lens, R)
+    assert routing.shape == (B, R, L, K)
+    assert torch.equal(routing[..., 0, 0].float(), lp)  # same position, every row, every token

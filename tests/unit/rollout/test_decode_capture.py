@@ -146,9 +146,11 @@ def test_training_batch_carries_the_prompt_routing_only_when_asked():
     assert "rollout_prompt_routing" not in training_batch(*args, **kw)
     pr = training_batch(*args, **kw, prompt_routing=True)["rollout_prompt_routing"]
     assert pr.shape == (2, 4, L, K) and (pr[0, :2] == 3).all() and (pr[0, 2:] == -1).all() and (pr[1] == -1).all()
-    samples[0].prompt_routing = np.zeros((2, L + 1, K), np.int16)
-    with pytest.raises(RolloutError, match="prompt routing of shape"):
-        training_batch(*args, **kw, prompt_routing=True)
+    assert pr.dtype == torch.int16  # as captured; R3 widens it where it replays it
+    for bad in (np.zeros((2, L + 1, K), np.int16), np.zeros((5, L, K), np.int16)):  # other layers; too long
+        samples[0].prompt_routing = bad
+        with pytest.raises(RolloutError, match="prompt routing of shape"):
+            training_batch(*args, **kw, prompt_routing=True)
 
 
 def test_step_diagnostics_count_padding_out_and_a_missing_row_inside_a_response_as_a_capture_error():
