@@ -9,6 +9,8 @@ the two generators then alternate (`bench.common.interleave`: ratio = median of 
 
     python bench/rollout.py            # medium model (hidden 512, 4 layers, 16 experts),
                                        # 8 prompts x 4 samples x 32 tokens
+    python bench/rollout.py --heavy    # the same model, generation-heavy: 16 prompts x 4 samples x 128 tokens
+                                       # (entry rollout_heavy; decode capture on/off only)
     python bench/rollout.py --tiny     # the tests' tiny model, seconds of generation (used as a smoke run)
 """
 
@@ -31,6 +33,7 @@ MEDIUM = dict(model=dict(vocab_size=8192, hidden_size=512, num_hidden_layers=4, 
                          num_key_value_heads=4, head_dim=64, intermediate_size=1024, moe_intermediate_size=256,
                          num_experts=16, num_experts_per_tok=2),
               prompts=8, prompt_len=32, n=4, max_tokens=32)
+HEAVY = dict(MEDIUM, prompts=16, max_tokens=128)  # 64 sequences x 128 tokens: where batching and the KV cache count
 TINY = dict(model=dict(vocab_size=32, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, head_dim=64, intermediate_size=256, moe_intermediate_size=64,
                        num_experts=8, num_experts_per_tok=2),
@@ -66,11 +69,13 @@ def transformers_generate(model, prompts, c):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--heavy", action="store_true", help="64 sequences x 128 tokens (entry rollout_heavy)")
     ap.add_argument("--repeats", type=int, default=None, help="repeats of the engine-only timings")
     ap.add_argument("--pairs", type=int, default=MIN_PAIRS)
     ap.add_argument("--results", default=None, help="results.json to merge into (default bench/results.json)")
     a = ap.parse_args(argv)
-    c = TINY if a.tiny else MEDIUM
+    c = TINY if a.tiny else HEAVY if a.heavy else MEDIUM
+    name = "rollout" + ("_tiny" if a.tiny else "_heavy" if a.heavy else "")
     repeats = a.repeats or (2 if a.tiny else 3)
     model = build_model(c)
     g = torch.Generator().manual_seed(1)
@@ -91,7 +96,7 @@ def main(argv=None):
         s = pairs.summary()
         ours, theirs = s["ours"], s["theirs"]
         capture = {}
-        for mode in ("decode", "replay"):  # seconds with capture on vs off, interleaved
+        for mode in ("decode",) if a.heavy else ("decode", "replay"):  # seconds with capture on vs off, interleaved
             capture[mode] = interleave(lambda m=mode: generate(engine, prompts, kw, m),
                                        lambda: generate(engine, prompts, kw, None), pairs=a.pairs)
         state = list(model.state_dict().items())
@@ -101,7 +106,7 @@ def main(argv=None):
         engine.shutdown()
     ours_tps, theirs_tps = tokens / ours["median"], tokens / theirs["median"]
     entry = record(
-        "rollout" + ("_tiny" if a.tiny else ""), ours_tps, theirs_tps, None, "tokens/s",
+        name, ours_tps, theirs_tps, None, "tokens/s",
         config={**{k: v for k, v in c.items() if k != "model"}, **c["model"], "dtype": "float32",
                 "threads": torch.get_num_threads()},
         extra={"ours_s": ours, "theirs_s": theirs,

@@ -25,7 +25,8 @@ README = HERE.parent / "README.md"
 MARKERS = ("<!-- bench-table:start (rendered by bench/run_all.py --table) -->", "<!-- bench-table:end -->")
 SCRIPTS = ["losses.py", "actor_step.py", "rollout.py", "convert.py", "diagnostics.py", "rl_step.py", "scaling.py",
            "sync.py"]
-SIZES = {"rl_step.py": ([], ["--medium"])}  # scripts run once per argument list at full size (--tiny: once)
+# scripts run once per argument list at full size (--tiny: once)
+SIZES = {"rl_step.py": ([], ["--medium"]), "rollout.py": ([], ["--heavy"])}
 
 
 def ratio_cell(e: dict) -> str:

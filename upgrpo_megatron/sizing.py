@@ -28,7 +28,65 @@ def dry_run(cfg: RecipeConfig, world_size: Optional[int], gpu_mem_gib: Optional[
         text += (f"\nwarning: the per-GPU peak ({mem['total'] / 1024**3:.1f} GiB) exceeds --gpu-mem-gib "
                  f"{gpu_mem_gib:g}: lower rollout.kv_cache_gib or actor.micro_batch_size, or raise parallel.tp / "
                  f"parallel.ep / rollout.tp")
+    text += "\n" + format_step_batch(cfg, step_batch_bytes(cfg, layout), gpu_mem_gib)
     return text
+
+
+# Host memory a rank may hold before the step-batch warning (a GPU node has ~1-2 TiB for 8 ranks).
+HOST_WARN_BYTES = 64 * 1024**3
+
+
+def step_batch_bytes(cfg: RecipeConfig, layout: Layout) -> Dict[str, float]:
+    """Bytes of one RL step's batch as the trainer builds it today, at full size (every sample kept; the
+    tensors are padded to max_prompt_length + max_response_length whatever the lengths).
+
+    Every rank gathers the whole rollout and builds the global batch (`rl_step.py`: `training_batch`, then the
+    pi_old routing gathered with `gather_rows`), so none of this shrinks with more ranks:
+    - routing_tensors (host): expert ids `[n, R, moe_layers, topk]` int64 twice (the engine's
+      `rollout_routing`, the trainer's `routing`); for R2/R3 the replayed routing of every position
+      `[n, P + R, ...]` int64; for R3 the engine's prompt routing `[n, P, ...]` int16
+    - routing_samples (host, an upper bound): the rollout samples' own routing, int16 at their real lengths
+      (counted here at full length: R rows, and P - 1 prompt rows under R3)
+    - other_host: input_ids `[n, P + R]` int64, prompt_lens and group `[n]` int64, five float32 `[n, R]`
+      (response mask, advantages, rollout and pi_old log-probs, entropy)
+    - routing_gpu: during pi_old, this rank's rows of the routing (and of the replayed routing) on the GPU, plus
+      the all-gather's receive buffers for every data-parallel rank's rows
+    n = prompts_per_step x rollout.n, P = max_prompt_length, R = max_response_length."""
+    from upgrpo_megatron.router_replay import get_router_replay
+
+    m, d = cfg.model, cfg.data
+    n = cfg.trainer.prompts_per_step * cfg.rollout.n
+    n_local = math.ceil(n / layout.dp)
+    P, R = d.max_prompt_length, d.max_response_length
+    ids = (m.num_layers - m.first_k_dense_layers) * m.moe_router_topk  # expert ids per position
+    replay = get_router_replay(cfg.algorithm.router_replay)
+    gpu_rows = R + (P + R if replay.update_key else 0)  # int64 rows per sample on the GPU during pi_old
+    tensors = 2 * R * ids * 8 + (P + R) * ids * 8 * bool(replay.update_key) + P * ids * 2 * replay.needs_prompt_routing
+    samples = (R + (P - 1) * replay.needs_prompt_routing) * ids * 2
+    gather = layout.dp * n_local * max(R, gpu_rows - R) * ids * 8 if layout.dp > 1 else 0
+    return {"samples": n, "samples_local": n_local, "routing_tensors": n * tensors, "routing_samples": n * samples,
+            "routing_host": n * (tensors + samples), "other_host": n * ((P + R) * 8 + 16 + 5 * R * 4),
+            "routing_gpu": n_local * gpu_rows * ids * 8 + gather}
+
+
+def format_step_batch(cfg: RecipeConfig, b: Dict[str, float], gpu_mem_gib: Optional[float] = None) -> str:
+    """The `--dry-run` lines for `step_batch_bytes`, with a warning where they outgrow a node or a GPU."""
+    gib = 1024**3
+    d = cfg.data
+    lines = [f"step batch (not in the table above; every rank builds the whole batch: {b['samples']} samples x "
+             f"{d.max_prompt_length} + {d.max_response_length} tokens, padded to full length):",
+             f"  host routing {b['routing_host'] / gib:11.2f} GiB  expert ids of every sample and position "
+             f"(int64), on every rank",
+             f"  host other   {b['other_host'] / gib:11.2f} GiB  token ids, masks, advantages, log-probs",
+             f"  GPU routing  {b['routing_gpu'] / gib:11.2f} GiB  during pi_old: {b['samples_local']} local rows' "
+             f"routing + the all-gather of every rank's"]
+    host = b["routing_host"] + b["other_host"]
+    if host > HOST_WARN_BYTES or (gpu_mem_gib is not None and b["routing_gpu"] > 0.1 * gpu_mem_gib * gib):
+        lines.append(f"warning: the step batch needs {host / gib:.0f} GiB of host memory on every rank and "
+                     f"{b['routing_gpu'] / gib:.0f} GiB of GPU memory during pi_old: the trainer cannot run this "
+                     f"recipe at this size yet (README: Known limits); lower trainer.prompts_per_step, rollout.n or "
+                     f"data.max_response_length")
+    return "\n".join(lines)
 
 
 def target_is_gpu(cfg: RecipeConfig) -> bool:

@@ -22,13 +22,19 @@ import numpy as np
 from upgrpo_megatron.rollout.batch import RolloutError
 
 
+def covers(n_rows: int, prompt_len: int, response_len: int) -> bool:
+    """Whether rows of positions `0 .. n_rows - 1` hold every position a `prompt_len`-token prompt and its
+    `response_len`-token response are scored from (`prompt_len + response_len - 1` of them)."""
+    return prompt_len >= 1 and n_rows >= prompt_len + response_len - 1
+
+
 def sample_routing(rows: np.ndarray, prompt_len: int, response_len: int) -> Tuple[np.ndarray, np.ndarray]:
     """(prompt routing, response routing) int16 from the rows of positions `0 ..` of prompt + response (the
     engine computes `prompt_len + response_len - 1` of them; more rows are ignored):
     prompt routing `[prompt_len - 1, layers, topk]` = positions `0 .. prompt_len - 2` (they score no response
     token; R3 replays them); response routing `[response_len, layers, topk]` = positions
     `prompt_len - 1 .. prompt_len + response_len - 2`, the positions whose logits score the response tokens."""
-    if prompt_len < 1 or rows.shape[0] < prompt_len + response_len - 1:
+    if not covers(rows.shape[0], prompt_len, response_len):
         raise RolloutError(f"routing: {rows.shape[0]} rows do not cover the {response_len} scoring positions of a "
                            f"{prompt_len}-token prompt")
     return (np.ascontiguousarray(rows[:prompt_len - 1], dtype=np.int16),
@@ -40,7 +46,7 @@ def native_routing(routed: np.ndarray, prompt_len: int, response_len: int
     """`sample_routing` from vLLM's native `routed_experts` `[positions, layers, topk]`, or None when the engine
     did not record every position it computed (then the caller falls back to replay)."""
     routed = np.asarray(routed)
-    if routed.ndim != 3 or prompt_len < 1 or routed.shape[0] < prompt_len + response_len - 1:
+    if routed.ndim != 3 or not covers(routed.shape[0], prompt_len, response_len):
         return None
     return sample_routing(routed, prompt_len, response_len)
 
