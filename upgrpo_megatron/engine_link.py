@@ -75,7 +75,8 @@ class RolloutClient:
 
         try:
             return EnginePlacement.build(world_size=world_size(), tp=ps.get_tensor_model_parallel_world_size(),
-                                         rollout_tp=self.cfg.rollout.tp, on_gpu=torch.cuda.is_available())
+                                         rollout_tp=self.cfg.rollout.tp, on_gpu=torch.cuda.is_available(),
+                                         engine_core=self.cfg.rollout.engine_core)
         except ValueError as e:
             raise ConfigError(f"{e} (in {self.cfg.source})") from None
 
@@ -136,6 +137,7 @@ class RolloutClient:
             keep_prompt_routing=get_router_replay(cfg.algorithm.router_replay).needs_prompt_routing,
             gpu_memory_utilization=r.gpu_memory_utilization, shapes=hf_shapes(cfg.model), load_format="dummy",
             tensor_parallel_size=p.group_size if p.in_process else 1, external_launcher=p.in_process,
+            core_in_process=p.core_in_process,
         )
 
     def shutdown(self) -> None:

@@ -104,7 +104,7 @@ def engine_placement(cfg: RecipeConfig, layout: Layout):
 
     try:
         return EnginePlacement.build(world_size=layout.world_size, tp=layout.tp, rollout_tp=cfg.rollout.tp,
-                                     on_gpu=target_is_gpu(cfg))
+                                     on_gpu=target_is_gpu(cfg), engine_core=cfg.rollout.engine_core)
     except ValueError as e:
         raise ConfigError(f"{e} (in {cfg.source})") from None
 

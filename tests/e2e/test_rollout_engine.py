@@ -286,6 +286,34 @@ def test_sleep_and_wake_up_keep_the_engine_usable_on_cpu(engine):
     assert len(engine.generate([[1, 2, 3]], n=1, max_tokens=2, seed=0)) == 1
 
 
+def test_an_engine_core_in_this_process_gives_the_same_rollouts_and_leaves_the_process_as_it_was(tiny, rollout):
+    """rollout.engine_core=in_process (the default at world size 1): no engine process, the same samples and
+    routing as the engine in its own process, and this process's RNGs, torch.set_num_threads and environment
+    untouched by vLLM's start-up (it seeds the global RNGs and replaces set_num_threads in its CPU worker)."""
+    import random
+
+    from upgrpo_megatron.rollout.engine_process import MULTIPROCESSING_ENV
+
+    torch.manual_seed(123)
+    np.random.seed(123)
+    random.seed(123)
+    before = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate(), torch.set_num_threads
+    env = os.environ.get(MULTIPROCESSING_ENV)
+    eng = RolloutEngine(tiny[0], dtype="float32", seed=1, max_model_len=MAX_LEN, kv_cache_gib=1, core_in_process=True)
+    try:
+        assert eng.alive_processes() == []  # nothing of its own to watch or reap
+        assert torch.equal(torch.get_rng_state(), before[0]) and np.array_equal(np.random.get_state()[1], before[1])
+        assert random.getstate() == before[2] and torch.set_num_threads is before[3]
+        assert os.environ.get(MULTIPROCESSING_ENV) == env
+        here = eng.generate(PROMPTS, n=N, temperature=1.0, max_tokens=MAX_TOKENS, stop_token_ids=[STOP], seed=3)
+    finally:
+        eng.shutdown()
+    assert [s.response_ids for s in here.samples] == [s.response_ids for s in rollout.samples]
+    for a, b in zip(here.samples, rollout.samples):
+        np.testing.assert_allclose(a.log_probs, b.log_probs, rtol=0, atol=1e-5)  # float rounding (see above)
+        assert np.array_equal(a.routing, b.routing) and np.array_equal(a.prompt_routing, b.prompt_routing)
+
+
 def test_engine_processes_are_out_of_the_terminals_session(engine):
     """Ctrl-C in a terminal signals its foreground process group: the engine is not in it (vllm_plugin.py), so
     only the trainer decides when it stops."""

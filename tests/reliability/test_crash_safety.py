@@ -122,17 +122,22 @@ def test_sigterm_saves_a_checkpoint_exits_cleanly_and_resumes(tmp_path):
 RECIPE_STEP = ["trainer.prompts_per_step=16", "rollout.n=8", "actor.ppo_mini_batch_size=4", "trainer.save_every=20"]
 
 
-def _ctrl_c_in_a_terminal(tmp_path, name, launcher, times):
+def _ctrl_c_in_a_terminal(tmp_path, name, launcher, times, engine_core="auto"):
     """Start the trainer as a terminal would (its own process group in the foreground), wait for RL step 2, and
-    press Ctrl-C `times` times: SIGINT to the whole process group, as the terminal sends it."""
+    press Ctrl-C `times` times: SIGINT to the whole process group, as the terminal sends it. engine_core:
+    rollout.engine_core (auto: at world size 1 the engine runs in the trainer process, so there is no engine
+    process to wait for)."""
     import os
 
     import psutil
 
     run = tmp_path / name
-    t = Trainer(run, "trainer.total_steps=40", *RECIPE_STEP, log=tmp_path / f"{name}.log", launcher=launcher)
+    t = Trainer(run, "trainer.total_steps=40", *RECIPE_STEP, f"rollout.engine_core={engine_core}",
+                log=tmp_path / f"{name}.log", launcher=launcher)
+    own = engine_core == "subprocess"
     try:
-        wait_until(lambda: _last_rl_step(run) >= 2 and t.engine_pids(), 400, t, "RL step 2 with a running engine")
+        wait_until(lambda: _last_rl_step(run) >= 2 and (t.engine_pids() or not own), 400, t, "RL step 2")
+        assert bool(t.engine_pids()) == own  # where the engine runs is what the setting says
         engines = t.engine_pids()
         for i in range(times):
             os.killpg(t.proc.pid, signal.SIGINT)
@@ -162,7 +167,8 @@ def test_ctrl_c_in_a_terminal_under_torchrun_finishes_the_step_and_saves_it(tmp_
 
 
 def test_ctrl_c_twice_stops_at_once_without_a_traceback_and_leaves_no_engine_behind(tmp_path):
-    run, log, rc, seconds, alive = _ctrl_c_in_a_terminal(tmp_path, "int2", "python", times=2)
+    run, log, rc, seconds, alive = _ctrl_c_in_a_terminal(tmp_path, "int2", "python", times=2,
+                                                         engine_core="subprocess")
     assert rc == 130 and seconds < 30, (rc, seconds, log[-3000:])
     assert "SIGINT again: stopping now" in log and "Traceback" not in log, log[-3000:]
     assert alive == []  # the engine processes died with the trainer

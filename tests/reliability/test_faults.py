@@ -69,13 +69,18 @@ def test_steps_without_any_update_warn_and_k_in_a_row_stop_the_run(tmp_path):
     assert [s for s in metric_steps(run) if s >= 0] == [0, 1, 2, 3, 4]
 
 
+# at world size 1 the engine's core runs in the trainer process by default (rollout.engine_core=auto); these
+# tests are about an engine process of its own, as every rank of a multi-rank run has
+OWN_ENGINE_PROCESS = ("rollout.engine_core=subprocess",)
+
+
 def _engine_processes(trainer):
     return engine_processes(psutil.Process(trainer.proc.pid))
 
 
 def test_engine_death_stops_the_trainer_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path):
     run = tmp_path / "run"
-    t = Trainer(run, "trainer.total_steps=40", log=tmp_path / "engine.log")
+    t = Trainer(run, "trainer.total_steps=40", *OWN_ENGINE_PROCESS, log=tmp_path / "engine.log")
     try:
         wait_until(lambda: max(metric_steps(run) or [-1]) >= 2, 400, t, "RL step 2")
         victims = _engine_processes(t)
@@ -103,7 +108,7 @@ def test_engine_death_stops_the_trainer_with_a_message_and_keeps_the_last_good_c
 
 def test_engine_processes_do_not_outlive_a_sigkilled_trainer(tmp_path):
     run = tmp_path / "run"
-    t = Trainer(run, "trainer.total_steps=40", log=tmp_path / "orphans.log")
+    t = Trainer(run, "trainer.total_steps=40", *OWN_ENGINE_PROCESS, log=tmp_path / "orphans.log")
     try:
         wait_until(lambda: max(metric_steps(run) or [-1]) >= 1, 400, t, "RL step 1")
         engine = _engine_processes(t)

@@ -116,6 +116,9 @@ class RolloutConfig:
     router_noise: float = 0.0
     sync_every: int = 1                  # sync the engine every k steps (k > 1: rollouts from stale weights)
     tp: int = 1                          # GPU: ranks per vLLM engine (external_launcher); CPU: 1 (engine per DP rank)
+    # CPU: where vLLM's engine core runs: in_process (the trainer process; world size 1 only), subprocess (its own
+    # process), auto = in_process at world size 1 (placement.py). GPU engines are external_launcher ones.
+    engine_core: str = "auto"
 
 
 @dataclass

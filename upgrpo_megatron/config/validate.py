@@ -19,6 +19,7 @@ FIXED_CHOICES = {
     "data.task": ("arithmetic", "math"),
     "rollout.engine": ("vllm",),
     "rollout.dtype": ("fp32", "bf16"),
+    "rollout.engine_core": ("auto", "in_process", "subprocess"),  # rollout/placement.py
     "actor.lr_schedule": ("constant", "cosine"),
     "algorithm.old_log_prob": ("trainer", "rollout"),
 }

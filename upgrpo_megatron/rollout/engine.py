@@ -30,6 +30,7 @@ re-stacked and re-packed per layer once all have arrived, possibly across bucket
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -48,6 +49,7 @@ from upgrpo_megatron.rollout.engine_process import (
     _engine_env,
     _quiet_tokenizer_free_warmup,
     _running,
+    core_in_this_process,
 )
 from upgrpo_megatron.rollout.routing import native_routing
 
@@ -104,7 +106,8 @@ def _mix_seed(seed: int, key: int) -> int:
 
 
 class RolloutEngine:
-    """One vLLM engine (its own process) serving one data-parallel rank; see the module docstring.
+    """One vLLM engine (in processes of its own unless core_in_process) serving one data-parallel rank; see the
+    module docstring.
 
     dtype: "float32" | "bfloat16". max_model_len: prompt + response tokens. kv_cache_gib: the KV budget
     (`kv_cache_memory_bytes`; fractions of a GiB allowed, at least two blocks).
@@ -118,6 +121,9 @@ class RolloutEngine:
     tensor_parallel_size > 1 (GPU): vLLM's `external_launcher` backend, the engine runs inside this process
     and spans the torchrun ranks of one engine group (every rank of the group constructs it and calls
     generate with the same arguments); see engine_link.py.
+    core_in_process (CPU): vLLM's engine core runs in this process, not in a process of its own (one process
+    on a small machine instead of two competing for its cores; nothing to watch: `alive_processes` is empty).
+    Only for a process that is not part of a torch.distributed world of several ranks (placement.py).
     """
 
     def __init__(self, hf_dir: str, *, dtype: str = "float32", seed: int = 0, max_model_len: int = 256,
@@ -126,7 +132,8 @@ class RolloutEngine:
                  num_moe_layers: Optional[int] = None, topk: Optional[int] = None,
                  logprobs_mode: str = "processed_logprobs", gpu_memory_utilization: float = 0.6,
                  max_num_seqs: int = 256, shapes: Optional[Dict[str, Tuple[int, ...]]] = None,
-                 load_format: str = "auto", tensor_parallel_size: int = 1, external_launcher: bool = False):
+                 load_format: str = "auto", tensor_parallel_size: int = 1, external_launcher: bool = False,
+                 core_in_process: bool = False):
         cfg_path = os.path.join(hf_dir, "config.json")
         if not os.path.isfile(cfg_path):
             raise RolloutError(f"{cfg_path} not found: the rollout engine needs a Hugging Face model directory")
@@ -181,8 +188,10 @@ class RolloutEngine:
         if self.in_process:  # every rank of the engine group runs this with the same arguments (same seed)
             kwargs.update(distributed_executor_backend="external_launcher", tensor_parallel_size=tensor_parallel_size)
         _quiet_tokenizer_free_warmup()
+        here = core_in_process and not self.on_gpu and not self.in_process
         try:
-            self.llm = LLM(**kwargs)
+            with core_in_this_process() if here else contextlib.nullcontext():
+                self.llm = LLM(**kwargs)
         except Exception as e:  # vLLM's start-up errors are long; keep the first line of the cause
             first = (str(e).strip().splitlines() or [""])[0]
             raise RolloutError(f"the vLLM engine failed to start for {hf_dir}: {type(e).__name__}: {first}") from e

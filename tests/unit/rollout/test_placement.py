@@ -30,9 +30,21 @@ def test_prompts_are_dealt_by_global_index_and_cover_the_step_once():
     assert sorted(i for s in shards for i in s) == list(range(7))
 
 
+@pytest.mark.parametrize("world, setting, here", [
+    (1, "auto", True), (2, "auto", False), (1, "subprocess", False), (1, "in_process", True), (4, "subprocess", False),
+])
+def test_a_cpu_engines_core_runs_in_the_trainer_process_at_world_size_one_unless_told_otherwise(world, setting, here):
+    p = EnginePlacement.build(world_size=world, tp=1, on_gpu=False, engine_core=setting)
+    assert p.core_in_process is here and p.in_process is False
+    assert ("core runs in the trainer process" in p.describe()[0]) is here
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(world_size=2, tp=1, rollout_tp=2, on_gpu=False), "tensor-parallel engines need GPUs"),
     (dict(world_size=6, tp=1, rollout_tp=4, on_gpu=True), "must divide the world size 6"),
+    (dict(world_size=2, tp=1, on_gpu=False, engine_core="in_process"), "in_process needs world size 1"),
+    (dict(world_size=4, tp=1, on_gpu=True, engine_core="subprocess"), "GPU engines run in the trainer processes"),
+    (dict(world_size=1, tp=1, on_gpu=False, engine_core="thread"), "choose one of auto, in_process, subprocess"),
 ])
 def test_impossible_placements_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -59,3 +71,10 @@ def test_tensor_parallel_engines_on_cpu_are_a_config_error():
     cfg = load_recipe(ROOT / "recipes" / "qwen_moe.yaml", ["rollout.tp=2", "parallel.backend=gloo"])
     with pytest.raises(ConfigError, match="rollout.tp=2"):
         dry_run(cfg, 2)
+
+
+def test_an_in_process_engine_at_world_size_two_is_refused_by_the_dry_run_naming_the_recipe():
+    cfg = load_recipe(ROOT / "recipes" / "qwen_moe.yaml", ["rollout.engine_core=in_process", "parallel.backend=gloo"])
+    with pytest.raises(ConfigError, match=r"rollout.engine_core=in_process needs world size 1 .*qwen_moe.yaml"):
+        dry_run(cfg, 2)
+    assert "core runs in the trainer process" in dry_run(cfg, 1)
