@@ -3,9 +3,11 @@
 Same random Qwen3-MoE weights, same prompts, n samples per prompt, exactly `max_tokens` new tokens each (no
 stop token), sampling at temperature 1, log-probs of the sampled tokens returned by both. Ours also returns
 rollout routing (captured during generation). What capture costs is measured in `extra` by interleaving the
-engine with capture on and off (decode capture, and the replay prefill it replaced). Also reported: engine
-start time and in-memory weight sync time. One run, same machine, same threads; the engine is started first and
-the two generators then alternate (`bench.common.interleave`: ratio = median of the pairwise ratios).
+engine with capture on and off (decode capture, and the replay prefill it replaced). Our engine's core runs in
+this process, as the trainer builds it at world size 1 (`rollout.engine_core=auto`); `extra` also has it against
+an engine in a process of its own (`subprocess`, what every rank of a multi-rank run gets), interleaved. Also
+reported: engine start time and in-memory weight sync time. One run, same machine, same threads; the engine is
+started first and the two generators then alternate (`bench.common.interleave`: ratio = median of the pairwise ratios).
 
     python bench/rollout.py            # medium model (hidden 512, 4 layers, 16 experts),
                                        # 8 prompts x 4 samples x 32 tokens
@@ -87,8 +89,10 @@ def main(argv=None):
     hf_dir = tempfile.mkdtemp(prefix="bench_rollout_")
     model.save_pretrained(hf_dir)
     t0 = time.perf_counter()
-    engine = RolloutEngine(hf_dir, dtype="float32", seed=1, max_model_len=c["prompt_len"] + c["max_tokens"])
+    engine = RolloutEngine(hf_dir, dtype="float32", seed=1, max_model_len=c["prompt_len"] + c["max_tokens"],
+                           core_in_process=True)
     start_s = time.perf_counter() - t0
+    own_process = {}
     try:
         kw = dict(n=c["n"], temperature=1.0, max_tokens=c["max_tokens"], stop_token_ids=[], seed=3)
         pairs = interleave(lambda: engine.generate(prompts, **kw), transformers_generate(model, prompts, c),
@@ -99,6 +103,16 @@ def main(argv=None):
         for mode in ("decode",) if a.heavy else ("decode", "replay"):  # seconds with capture on vs off, interleaved
             capture[mode] = interleave(lambda m=mode: generate(engine, prompts, kw, m),
                                        lambda: generate(engine, prompts, kw, None), pairs=a.pairs)
+        if not (a.heavy or a.tiny):  # the engine core here vs in a process of its own, same weights and seeds
+            t0 = time.perf_counter()
+            other = RolloutEngine(hf_dir, dtype="float32", seed=1, max_model_len=c["prompt_len"] + c["max_tokens"])
+            own_process["engine_start_s"] = time.perf_counter() - t0
+            try:
+                p = interleave(lambda: engine.generate(prompts, **kw), lambda: other.generate(prompts, **kw),
+                               pairs=a.pairs)
+            finally:
+                other.shutdown()
+            own_process.update(p.summary(), ratio=[t / o for o, t in zip(p.ours, p.theirs)])
         state = list(model.state_dict().items())
         sync = timeit(lambda: engine.update_weights(state, version=1), warmup=1, repeats=repeats)
         sync_bytes = sum(t.numel() * t.element_size() for _, t in state)
@@ -108,11 +122,12 @@ def main(argv=None):
     entry = record(
         name, ours_tps, theirs_tps, None, "tokens/s",
         config={**{k: v for k, v in c.items() if k != "model"}, **c["model"], "dtype": "float32",
-                "threads": torch.get_num_threads()},
+                "threads": torch.get_num_threads(), "engine_core": "in_process"},
         extra={"ours_s": ours, "theirs_s": theirs,
                "ours_without_routing_tokens_per_s": tokens / capture["decode"].summary()["theirs"]["median"],
                **{f"capture_{m}": {"on_over_off": on_over_off(p), **p.summary()} for m, p in capture.items()},
-               "engine_start_s": start_s, "weight_sync_s": sync, "weight_sync_bytes": sync_bytes,
+               "engine_start_s": start_s, "core_in_process_vs_subprocess": own_process,
+               "weight_sync_s": sync, "weight_sync_bytes": sync_bytes,
                "weight_sync_GB_per_s": sync_bytes / sync["median"] / 1e9},
         path=a.results, pairs=pairs,
     )
@@ -120,6 +135,10 @@ def main(argv=None):
     print(f"rollout: ours {ours_tps:.0f} tokens/s (without routing {no_routing:.0f}), transformers generate "
           f"{theirs_tps:.0f} tokens/s (medians), ratio {pairs.describe()}; engine start {start_s:.0f}s; "
           f"weight sync {sync['median']:.2f}s for {sync_bytes / 1e6:.1f} MB")
+    if own_process:
+        r = own_process["ratio"]
+        print(f"engine core in this process vs in its own: {statistics.median(r):.2f}x [{min(r):.2f}-{max(r):.2f}] "
+              f"faster, {len(r)} pairs; start {start_s:.0f}s vs {own_process['engine_start_s']:.0f}s")
     for m, p in capture.items():
         r = on_over_off(p)
         print(f"routing capture ({m}): rollout time with capture / without {r['median']:.3f} "
