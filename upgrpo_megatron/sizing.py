@@ -84,8 +84,8 @@ def format_step_batch(cfg: RecipeConfig, b: Dict[str, float], gpu_mem_gib: Optio
     if host > HOST_WARN_BYTES or (gpu_mem_gib is not None and b["routing_gpu"] > 0.1 * gpu_mem_gib * gib):
         lines.append(f"warning: the step batch needs {host / gib:.0f} GiB of host memory on every rank and "
                      f"{b['routing_gpu'] / gib:.0f} GiB of GPU memory during pi_old: the trainer cannot run this "
-                     f"recipe at this size yet (README: Known limits); lower trainer.prompts_per_step, rollout.n or "
-                     f"data.max_response_length")
+                     f"recipe at this size yet (README, Scale-out, 'Known limit'); lower trainer.prompts_per_step, "
+                     f"rollout.n or data.max_response_length")
     return "\n".join(lines)
 
 

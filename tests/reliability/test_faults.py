@@ -113,8 +113,15 @@ def test_engine_processes_do_not_outlive_a_sigkilled_trainer(tmp_path):
         wait_until(lambda: max(metric_steps(run) or [-1]) >= 1, 400, t, "RL step 1")
         engine = _engine_processes(t)
         assert engine, "no engine process found"
+        # every process under the rank, not only vLLM's: megatron's checkpoint writer spawns a multiprocessing
+        # Manager server at the first save, which outlived a SIGKILLed rank (~270 MB each) until it was started
+        # with a parent-death signal (megatron/checkpoint.py)
+        rank = next(c for c in psutil.Process(t.proc.pid).children(recursive=True)
+                    if "train_moe.py" in " ".join(c.cmdline()))
+        under_rank = rank.children(recursive=True)
+        assert len(under_rank) > len(engine), "the checkpoint writer's helper process was not found"
         t.signal(signal.SIGKILL)  # the rank only: no cleanup code of ours runs
-        gone, alive = psutil.wait_procs(engine, timeout=30)
-        assert not alive, f"orphaned engine processes: {[p.pid for p in alive]}"
+        gone, alive = psutil.wait_procs(under_rank, timeout=30)
+        assert not alive, f"orphaned processes: {[(p.pid, p.cmdline()[-1:]) for p in alive]}"
     finally:
         t.kill_all()

@@ -70,6 +70,30 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_RESULTS_MANAGER = None
+
+
+def results_queue_dies_with_us() -> None:
+    """megatron's dist_checkpointing collects its writers' results through a multiprocessing Manager queue: a
+    server process it spawns at the first save and never stops. A trainer killed by SIGKILL (OOM killer, node
+    agent) left that server behind (found here: an idle ~270 MB orphan after each killed run). Start the server
+    ourselves, from the saving (main) thread, with a parent-death signal; megatron then uses it. Call it
+    before every `dist_checkpointing.save` (the first one makes the queue)."""
+    global _RESULTS_MANAGER
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+
+    if getattr(fa, "_results_queue", "absent") is not None:  # made already (or megatron no longer has it)
+        return
+    import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
+
+    from upgrpo_megatron.rollout.vllm_plugin import die_with_parent
+
+    _RESULTS_MANAGER = SyncManager(ctx=mp.get_context("spawn"))
+    _RESULTS_MANAGER.start(initializer=die_with_parent)
+    fa._results_queue = _RESULTS_MANAGER.Queue()
+
+
 def save_checkpoint(path, module, *, optimizer=None, extra_state: Optional[dict] = None, model_cfg=None,
                     tokenizer=None, extra_files: Optional[dict] = None) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint directory.
@@ -82,6 +106,7 @@ def save_checkpoint(path, module, *, optimizer=None, extra_state: Optional[dict]
     path = Path(path)
     tmp = begin_checkpoint(path) if _rank() == 0 else path.parent / f".{path.name}.tmp"
     _barrier()
+    results_queue_dies_with_us()
     dist_checkpointing.save(module.sharded_state_dict(), str(tmp / "model"))
     if optimizer is not None:
         from upgrpo_megatron.megatron import optimizer as moptim

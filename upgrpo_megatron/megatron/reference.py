@@ -62,6 +62,9 @@ class ReferencePolicy:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         barrier()
+        from upgrpo_megatron.megatron.checkpoint import results_queue_dies_with_us
+
+        results_queue_dies_with_us()
         dist_checkpointing.save(self.module.sharded_state_dict(), str(tmp))
         barrier()
         if rank() == 0:
