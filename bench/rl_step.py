@@ -121,7 +121,8 @@ class Ours:
                 "response_length/mean": m.get("response_length/mean"), "critic/score/mean": m.get("critic/score/mean")}
 
     def profile(self, path) -> None:
-        """One more step under torch.profiler (the trainer's process; the engine runs in its own)."""
+        """One more step under torch.profiler (the trainer's process; with the engine core in it at world size 1, the
+        table holds the generation too)."""
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
 

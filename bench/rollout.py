@@ -70,8 +70,9 @@ def transformers_generate(model, prompts, c):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--heavy", action="store_true", help="64 sequences x 128 tokens (entry rollout_heavy)")
+    size = ap.add_mutually_exclusive_group()
+    size.add_argument("--tiny", action="store_true")
+    size.add_argument("--heavy", action="store_true", help="64 sequences x 128 tokens (entry rollout_heavy)")
     ap.add_argument("--repeats", type=int, default=None, help="repeats of the engine-only timings")
     ap.add_argument("--pairs", type=int, default=MIN_PAIRS)
     ap.add_argument("--results", default=None, help="results.json to merge into (default bench/results.json)")
@@ -108,6 +109,8 @@ def main(argv=None):
             other = RolloutEngine(hf_dir, dtype="float32", seed=1, max_model_len=c["prompt_len"] + c["max_tokens"])
             own_process["engine_start_s"] = time.perf_counter() - t0
             try:
+                if not other.alive_processes():
+                    raise RuntimeError("the subprocess engine started in this process: the comparison would be void")
                 p = interleave(lambda: engine.generate(prompts, **kw), lambda: other.generate(prompts, **kw),
                                pairs=a.pairs)
             finally:

@@ -140,5 +140,5 @@ def gather_rows(t: torch.Tensor, n: int, size: int, group=None) -> torch.Tensor:
     for r, p in enumerate(parts):
         rws = dp_rows(n, r, size)
         keep = rws >= 0
-        out[rws[keep]] = p[keep]
+        out[rws[keep]] = p[keep].to(out.device)  # the parts sit on the collective's device (the GPU under NCCL)
     return out

@@ -288,9 +288,13 @@ def test_sleep_and_wake_up_keep_the_engine_usable_on_cpu(engine):
 
 def test_an_engine_core_in_this_process_gives_the_same_rollouts_and_leaves_the_process_as_it_was(tiny, rollout):
     """rollout.engine_core=in_process (the default at world size 1): no engine process, the same samples and
-    routing as the engine in its own process, and this process's RNGs, torch.set_num_threads and environment
-    untouched by vLLM's start-up (it seeds the global RNGs and replaces set_num_threads in its CPU worker)."""
+    routing as the engine in its own process, and this process left as it was: its RNGs, torch's threads and
+    environment (vLLM's start-up seeds the global RNGs and replaces set_num_threads in its CPU worker), vLLM's
+    environment cache (frozen by the engine core: a later engine would start in this process too), and the
+    trainer's torch.distributed world, which vLLM's in-process shutdown destroys unless it is kept."""
     import random
+
+    import torch.distributed as dist
 
     from upgrpo_megatron.rollout.engine_process import MULTIPROCESSING_ENV
 
@@ -298,16 +302,30 @@ def test_an_engine_core_in_this_process_gives_the_same_rollouts_and_leaves_the_p
     np.random.seed(123)
     random.seed(123)
     before = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate(), torch.set_num_threads
-    env = os.environ.get(MULTIPROCESSING_ENV)
-    eng = RolloutEngine(tiny[0], dtype="float32", seed=1, max_model_len=MAX_LEN, kv_cache_gib=1, core_in_process=True)
+    threads, env = torch.get_num_threads(), os.environ.get(MULTIPROCESSING_ENV)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # the trainer's world of one
     try:
-        assert eng.alive_processes() == []  # nothing of its own to watch or reap
-        assert torch.equal(torch.get_rng_state(), before[0]) and np.array_equal(np.random.get_state()[1], before[1])
-        assert random.getstate() == before[2] and torch.set_num_threads is before[3]
-        assert os.environ.get(MULTIPROCESSING_ENV) == env
-        here = eng.generate(PROMPTS, n=N, temperature=1.0, max_tokens=MAX_TOKENS, stop_token_ids=[STOP], seed=3)
+        eng = RolloutEngine(tiny[0], dtype="float32", seed=1, max_model_len=MAX_LEN, kv_cache_gib=1,
+                            core_in_process=True)
+        try:
+            assert eng.alive_processes() == []  # nothing of its own to watch or reap
+            assert torch.equal(torch.get_rng_state(), before[0])
+            assert np.array_equal(np.random.get_state()[1], before[1]) and random.getstate() == before[2]
+            assert torch.set_num_threads is before[3] and torch.get_num_threads() == threads
+            assert os.environ.get(MULTIPROCESSING_ENV) == env
+            from vllm import envs as vllm_envs
+
+            assert not vllm_envs._is_envs_cache_enabled()
+            here = eng.generate(PROMPTS, n=N, temperature=1.0, max_tokens=MAX_TOKENS, stop_token_ids=[STOP], seed=3)
+        finally:
+            eng.shutdown()
+        assert dist.is_initialized()  # the world outlives the engine and still works
+        t = torch.ones(1)
+        dist.all_reduce(t)
+        assert t.item() == 1.0
     finally:
-        eng.shutdown()
+        if dist.is_initialized():
+            dist.destroy_process_group()
     assert [s.response_ids for s in here.samples] == [s.response_ids for s in rollout.samples]
     for a, b in zip(here.samples, rollout.samples):
         np.testing.assert_allclose(a.log_probs, b.log_probs, rtol=0, atol=1e-5)  # float rounding (see above)

@@ -87,7 +87,7 @@ def results_queue_dies_with_us() -> None:
     import multiprocessing as mp
     from multiprocessing.managers import SyncManager
 
-    from upgrpo_megatron.rollout.vllm_plugin import die_with_parent
+    from upgrpo_megatron.parent_death import die_with_parent
 
     _RESULTS_MANAGER = SyncManager(ctx=mp.get_context("spawn"))
     _RESULTS_MANAGER.start(initializer=die_with_parent)

@@ -50,6 +50,7 @@ from upgrpo_megatron.rollout.engine_process import (
     _quiet_tokenizer_free_warmup,
     _running,
     core_in_this_process,
+    keep_process_group,
 )
 from upgrpo_megatron.rollout.routing import native_routing
 
@@ -189,6 +190,7 @@ class RolloutEngine:
             kwargs.update(distributed_executor_backend="external_launcher", tensor_parallel_size=tensor_parallel_size)
         _quiet_tokenizer_free_warmup()
         here = core_in_process and not self.on_gpu and not self.in_process
+        self._keep_group = here and torch.distributed.is_initialized()  # the caller's group: survives shutdown
         try:
             with core_in_this_process() if here else contextlib.nullcontext():
                 self.llm = LLM(**kwargs)
@@ -370,7 +372,8 @@ class RolloutEngine:
         try:
             core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
             if core is not None and hasattr(core, "shutdown"):
-                core.shutdown()
+                with keep_process_group(getattr(self, "_keep_group", False)):
+                    core.shutdown()
         except Exception:
             pass  # a dead engine cannot shut down cleanly; its processes are reaped below
         del llm

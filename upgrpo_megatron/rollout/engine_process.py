@@ -33,10 +33,32 @@ def core_in_this_process():
             os.environ.pop(MULTIPROCESSING_ENV, None)
         else:
             os.environ[MULTIPROCESSING_ENV] = saved_env
+        try:  # the engine core froze vLLM's environment cache with MULTIPROCESSING_ENV=0: later engines would
+            from vllm import envs as vllm_envs  # start in this process too
+
+            vllm_envs.disable_envs_cache()
+        except (ImportError, AttributeError):
+            pass
         random.setstate(rng[0])
         np.random.set_state(rng[1])
         torch.set_rng_state(rng[2])
         torch.set_num_threads = set_num_threads
+
+
+@contextlib.contextmanager
+def keep_process_group(keep: bool):
+    """An engine core in this process destroys torch.distributed's default group when it shuts down
+    (vLLM's EngineCore.shutdown -> cleanup_dist_env_and_memory). `keep`: that group existed before the engine
+    (the trainer's own): leave it alive; vLLM's own groups are still destroyed."""
+    import torch.distributed as dist
+
+    real = dist.destroy_process_group
+    if keep:
+        dist.destroy_process_group = lambda group=None: None if group is None else real(group)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group = real
 
 
 class _DropRecords(logging.Filter):

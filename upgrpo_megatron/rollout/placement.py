@@ -33,6 +33,13 @@ from typing import List
 ENGINE_CORES = ("auto", "in_process", "subprocess")  # rollout.engine_core
 
 
+def numa_nodes() -> int:
+    """NUMA nodes of this machine (1 where the kernel does not list them)."""
+    import glob
+
+    return max(1, len(glob.glob("/sys/devices/system/node/node[0-9]*")))
+
+
 @dataclass(frozen=True)
 class EnginePlacement:
     world_size: int
@@ -50,7 +57,9 @@ class EnginePlacement:
         engine_core (CPU): "subprocess" = vLLM's engine core in a process of its own (it survives, and is
         watched, apart from the trainer); "in_process" = inside the trainer process (world size 1 only: an
         in-process vLLM takes the process's torch.distributed world as its own); "auto" = in_process at world
-        size 1, else subprocess. On GPU the engines are external_launcher ones, in the trainer processes."""
+        size 1 on a machine with one NUMA node (vLLM's CPU worker binds the memory of the thread that builds it
+        to one node: in the trainer process that would bind the trainer's too), else subprocess. On GPU the
+        engines are external_launcher ones, in the trainer processes."""
         if engine_core not in ENGINE_CORES:
             raise ValueError(f"rollout.engine_core={engine_core!r}: choose one of {', '.join(ENGINE_CORES)}")
         if on_gpu:
@@ -67,7 +76,7 @@ class EnginePlacement:
             raise ValueError(f"rollout.engine_core=in_process needs world size 1 (got {world_size}): an in-process "
                              f"vLLM engine would take the trainer's torch.distributed world as its own; use auto")
         return cls(world_size, tp, False, core_in_process=engine_core == "in_process" or (
-            engine_core == "auto" and world_size == 1))
+            engine_core == "auto" and world_size == 1 and numa_nodes() == 1))
 
     @property
     def num_engines(self) -> int:

@@ -41,25 +41,9 @@ def _tie_to_owner() -> None:
     if not owner or str(os.getpid()) == owner or not sys.platform.startswith("linux"):
         return
     _leave_terminal()
+    from upgrpo_megatron.parent_death import die_with_parent
+
     die_with_parent()
-
-
-def die_with_parent() -> None:
-    """SIGKILL this process when its parent dies (Linux prctl; elsewhere nothing). Also the initializer of the
-    checkpoint writer's helper process (`megatron/checkpoint.py`). The signal follows the parent *thread* that
-    started this process, so start such processes from a thread that lives as long as the parent."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    import signal
-
-    PR_SET_PDEATHSIG = 1
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-    except OSError:
-        return
-    if os.getppid() == 1:  # the parent was already gone before the request took effect
-        os._exit(1)
 
 
 def _leave_terminal() -> None:

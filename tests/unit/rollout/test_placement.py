@@ -30,10 +30,17 @@ def test_prompts_are_dealt_by_global_index_and_cover_the_step_once():
     assert sorted(i for s in shards for i in s) == list(range(7))
 
 
-@pytest.mark.parametrize("world, setting, here", [
-    (1, "auto", True), (2, "auto", False), (1, "subprocess", False), (1, "in_process", True), (4, "subprocess", False),
+@pytest.mark.parametrize("world, setting, numa, here", [
+    (1, "auto", 1, True), (2, "auto", 1, False), (1, "subprocess", 1, False), (1, "in_process", 1, True),
+    (4, "subprocess", 1, False),
+    (1, "auto", 2, False),  # vLLM would bind the trainer's memory to one NUMA node
+    (1, "in_process", 2, True),
 ])
-def test_a_cpu_engines_core_runs_in_the_trainer_process_at_world_size_one_unless_told_otherwise(world, setting, here):
+def test_a_cpu_engines_core_runs_in_the_trainer_process_at_world_size_one_unless_told_otherwise(
+        monkeypatch, world, setting, numa, here):
+    from upgrpo_megatron.rollout import placement
+
+    monkeypatch.setattr(placement, "numa_nodes", lambda: numa)
     p = EnginePlacement.build(world_size=world, tp=1, on_gpu=False, engine_core=setting)
     assert p.core_in_process is here and p.in_process is False
     assert ("core runs in the trainer process" in p.describe()[0]) is here
