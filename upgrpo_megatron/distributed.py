@@ -134,11 +134,14 @@ def gather_rows(t: torch.Tensor, n: int, size: int, group=None) -> torch.Tensor:
     """Inverse of the row split (`dp_rows`): every rank gets the full `[n, ...]` tensor."""
     if size == 1:
         return t[:n]
-    parts = [torch.empty_like(t) for _ in range(size)]
-    dist.all_gather(parts, t.contiguous(), group=group)
+    # gloo and NCCL have no 16-bit integers (the expert ids): such tensors travel as their bytes
+    wire = t.contiguous().view(torch.uint8) if t.dtype in (torch.int16, torch.uint16) else t.contiguous()
+    parts = [torch.empty_like(wire) for _ in range(size)]
+    dist.all_gather(parts, wire, group=group)
     out = torch.empty((n, *t.shape[1:]), dtype=t.dtype)
     for r, p in enumerate(parts):
         rws = dp_rows(n, r, size)
         keep = rws >= 0
-        out[rws[keep]] = p[keep].to(out.device)  # the parts sit on the collective's device (the GPU under NCCL)
+        # the parts sit on the collective's device (the GPU under NCCL)
+        out[rws[keep]] = p[keep].to(out.device).view(t.dtype)
     return out

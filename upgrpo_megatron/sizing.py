@@ -42,9 +42,9 @@ def step_batch_bytes(cfg: RecipeConfig, layout: Layout) -> Dict[str, float]:
 
     Every rank gathers the whole rollout and builds the global batch (`rl_step.py`: `training_batch`, then the
     pi_old routing gathered with `gather_rows`), so none of this shrinks with more ranks:
-    - routing_tensors (host): expert ids `[n, R, moe_layers, topk]` int64 twice (the engine's
-      `rollout_routing`, the trainer's `routing`); for R2/R3 the replayed routing of every position
-      `[n, P + R, ...]` int64; for R3 the engine's prompt routing `[n, P, ...]` int16
+    - routing_tensors (host): expert ids (int16, `ROUTING_DTYPE`) `[n, R, moe_layers, topk]` twice (the
+      engine's `rollout_routing`, the trainer's `routing`); for R2/R3 the replayed routing of every position
+      `[n, P + R, ...]`; for R3 the engine's prompt routing `[n, P, ...]`
     - routing_samples (host, an upper bound): the rollout samples' own routing, int16 at their real lengths
       (counted here at full length: R rows, and P - 1 prompt rows under R3)
     - other_host: input_ids `[n, P + R]` int64, prompt_lens and group `[n]` int64, five float32 `[n, R]`
@@ -59,6 +59,7 @@ def step_batch_bytes(cfg: RecipeConfig, layout: Layout) -> Dict[str, float]:
     the gathers' buffers follow from the code, not from a run. Not counted: the reference policy's log-probs and
     the correction weights (float32 [n, R] each), and the row copies the step makes of every tensor (`take_rows`
     before pi_old: this rank's rows, the whole batch at dp 1; each update mini-batch: its rows)."""
+    from upgrpo_megatron.rollout.batch import ROUTING_DTYPE
     from upgrpo_megatron.router_replay import get_router_replay
 
     m, d = cfg.model, cfg.data
@@ -67,15 +68,18 @@ def step_batch_bytes(cfg: RecipeConfig, layout: Layout) -> Dict[str, float]:
     P, R = d.max_prompt_length, d.max_response_length
     ids = (m.num_layers - m.first_k_dense_layers) * m.moe_router_topk  # expert ids per position
     replay = get_router_replay(cfg.algorithm.router_replay)
-    gpu_rows = R + (P + R if replay.update_key else 0)  # int64 rows per sample on the GPU during pi_old
-    tensors = 2 * R * ids * 8 + (P + R) * ids * 8 * bool(replay.update_key) + P * ids * 2 * replay.needs_prompt_routing
-    samples = (R + (P - 1) * replay.needs_prompt_routing) * ids * 2
-    gather = layout.dp * n_local * max(R, gpu_rows - R) * ids * 8 if layout.dp > 1 else 0
+    b = ROUTING_DTYPE.itemsize  # bytes per expert id
+    replay_rows = P + R if replay.update_key else 0  # per sample, the replayed routing's positions
+    gpu_rows = R + replay_rows  # routing rows per sample on the GPU during pi_old
+    tensors = (2 * R + replay_rows + P * replay.needs_prompt_routing) * ids * b
+    samples = (R + (P - 1) * replay.needs_prompt_routing) * ids * b
+    # pi_old gathers the trainer's routing [R rows], then the replayed routing [P + R rows]: the larger receive
+    gather = layout.dp * n_local * max(R, replay_rows) * ids * b if layout.dp > 1 else 0
     share = math.ceil(n / engine_placement(cfg, layout).num_engines)  # samples of one engine
     exchange = layout.world_size * share * (samples + 14 * R) if layout.world_size > 1 else 0
     return {"samples": n, "samples_local": n_local, "routing_tensors": n * tensors, "routing_samples": n * samples,
             "routing_host": n * (tensors + samples), "other_host": n * ((P + R) * 8 + 16 + 5 * R * 4),
-            "routing_gpu": n_local * gpu_rows * ids * 8 + gather, "exchange": exchange}
+            "routing_gpu": n_local * gpu_rows * ids * b + gather, "exchange": exchange}
 
 
 def format_step_batch(cfg: RecipeConfig, b: Dict[str, float], gpu_mem_gib: Optional[float] = None) -> str:
@@ -85,7 +89,7 @@ def format_step_batch(cfg: RecipeConfig, b: Dict[str, float], gpu_mem_gib: Optio
     lines = [f"step batch (not in the table above; every rank builds the whole batch: {b['samples']} samples x "
              f"{d.max_prompt_length} + {d.max_response_length} tokens, padded to full length):",
              f"  host routing {b['routing_host'] / gib:11.2f} GiB  expert ids of every sample and position "
-             f"(int64), on every rank",
+             f"(int16), on every rank",
              f"  host other   {b['other_host'] / gib:11.2f} GiB  token ids, masks, advantages, log-probs",
              f"  GPU routing  {b['routing_gpu'] / gib:11.2f} GiB  during pi_old: {b['samples_local']} local rows' "
              f"routing + the all-gather of the trainer's routing from every rank",

@@ -28,9 +28,9 @@ def test_pad_rollout_batch_pads_responses_log_probs_and_routing():
     assert t["responses"].tolist() == [[3, 4, 5], [3, 9, 9]]
     assert t["response_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert t["rollout_log_prob"].tolist() == [[-0.5] * 3, [-0.5, 0.0, 0.0]]
-    assert t["rollout_routing"].shape == (2, 3, 2, 2) and t["rollout_routing"].dtype == torch.int64
+    assert t["rollout_routing"].shape == (2, 3, 2, 2) and t["rollout_routing"].dtype == torch.int16
     assert (t["rollout_routing"][1, 1:] == -1).all()
-    assert torch.equal(t["rollout_routing"][0], torch.as_tensor(batch.samples[0].routing, dtype=torch.long))
+    assert torch.equal(t["rollout_routing"][0], torch.as_tensor(batch.samples[0].routing, dtype=torch.int16))
 
 
 def test_pad_rollout_batch_refuses_a_response_longer_than_response_len():

@@ -218,7 +218,7 @@ def test_padded_tensors_from_a_real_rollout(rollout):
     B = len(PROMPTS) * N
     assert t["responses"].shape == (B, MAX_TOKENS) and t["rollout_log_prob"].shape == (B, MAX_TOKENS)
     assert t["rollout_routing"].shape == (B, MAX_TOKENS, TINY["num_hidden_layers"], TINY["num_experts_per_tok"])
-    assert t["rollout_routing"].dtype == torch.int64
+    assert t["rollout_routing"].dtype == torch.int16
     lengths = torch.tensor([len(s.response_ids) for s in rollout.samples])
     assert torch.equal(t["response_mask"].sum(1), lengths)
     pad = t["response_mask"] == 0

@@ -12,6 +12,8 @@ from typing import Any, Dict, Tuple
 
 from upgrpo_megatron.config.schema import ConfigError, RecipeConfig, get_key
 
+MAX_EXPERTS = 2**15 - 1  # expert ids are int16 from the engine's capture to the step batch (rollout/batch.py)
+
 # Keys whose values are fixed by this code base (not extensible registries)
 FIXED_CHOICES = {
     "model.dtype": ("fp32", "bf16"),
@@ -141,6 +143,9 @@ def _check_model(cfg: RecipeConfig, where: str) -> None:
         _fail("model.head_dim", m.head_dim, where, "must be even (rotary embeddings rotate pairs)")
     if m.moe_router_topk > m.num_experts:
         _fail("model.moe_router_topk", m.moe_router_topk, where, f"exceeds model.num_experts={m.num_experts}")
+    if m.num_experts > MAX_EXPERTS:
+        _fail("model.num_experts", m.num_experts, where, f"exceeds {MAX_EXPERTS}: expert ids are stored and sent in "
+              f"16 bits (the engine's capture, the step batch)")
     if m.first_k_dense_layers >= m.num_layers:
         _fail("model.first_k_dense_layers", m.first_k_dense_layers, where,
               f"must leave at least one MoE layer (model.num_layers={m.num_layers})")

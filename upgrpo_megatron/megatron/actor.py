@@ -7,6 +7,7 @@ A batch is a dict of tensors for this data-parallel rank's share of the step (ve
     advantages      [batch, response_len]
     old_log_prob    [batch, response_len]   (written by `compute_log_prob`)
     routing         [batch, response_len, moe_layers, topk]   trainer routing at pi_old (RouterReplay RECORD)
+    (expert ids, here and below, are int16: `rollout.batch.ROUTING_DTYPE`)
     rollout_routing [batch, response_len, moe_layers, topk]   optional, from the rollout engine
     rollout_prompt_routing [batch, prompt_width, moe_layers, topk]   optional, the engine's, prompt positions (R3)
     replay          [batch, seq, moe_layers, topk]   optional, what R2/R3 replay (`router_replay.py`)
@@ -36,6 +37,7 @@ from upgrpo_megatron.megatron.micro_batches import micro_batches, per_row
 from upgrpo_megatron.megatron.model import build_gpt_model
 from upgrpo_megatron.megatron.optimizer import fuse_cpu_adam
 from upgrpo_megatron.megatron.sharding import grad_of
+from upgrpo_megatron.rollout.batch import ROUTING_DTYPE
 
 Batch = Dict[str, torch.Tensor]
 
@@ -133,10 +135,10 @@ class MegatronActor:
         r = routing_full.permute(1, 0, 2, 3)  # [seq, batch, layers, k]: megatron is sequence-first
         if self.sequence_parallel and self.tp > 1:
             r = torch.chunk(r, self.tp, dim=0)[ps.get_tensor_model_parallel_rank()]
-        return [r[:, :, layer].reshape(-1, r.shape[-1]).contiguous() for layer in range(r.shape[2])]
+        return [r[:, :, layer].reshape(-1, r.shape[-1]).long() for layer in range(r.shape[2])]  # int64 for the router
 
     def _recorded_routing(self, batch: int, seq: int) -> torch.Tensor:
-        """Recorded top-k per MoE layer -> [batch, seq, layers, k]."""
+        """Recorded top-k per MoE layer -> [batch, seq, layers, k] in `ROUTING_DTYPE` (int16)."""
         per_layer = []
         for rec in RouterReplay.get_recorded_data():
             idx = rec.view(-1, batch, rec.shape[-1])  # [seq_local, batch, k]
@@ -144,7 +146,7 @@ class MegatronActor:
                 parts = [torch.empty_like(idx) for _ in range(self.tp)]
                 dist.all_gather(parts, idx.contiguous(), group=ps.get_tensor_model_parallel_group())
                 idx = torch.cat(parts, dim=0)
-            per_layer.append(idx[:seq])
+            per_layer.append(idx[:seq].to(ROUTING_DTYPE))
         return torch.stack(per_layer, dim=2).transpose(0, 1).contiguous()  # [batch, seq, layers, k]
 
     def forward(self, input_ids: torch.Tensor, prompt_lens: torch.Tensor, response_len: int, *,

@@ -27,6 +27,11 @@ import torch
 from upgrpo_megatron.distributed import strided_indices
 from upgrpo_megatron.errors import UpgrpoError
 
+# Expert ids everywhere in a step's batch (the engine's, the trainer's, the replayed): 16 bits hold any expert
+# count a recipe may ask for (config/validate.py refuses more than MAX_EXPERTS) at a quarter of int64's bytes;
+# megatron's router gets int64 only for the micro-batch it replays (`MegatronActor._replay_indices`).
+ROUTING_DTYPE = torch.int16
+
 
 class RolloutError(UpgrpoError, RuntimeError):
     """The rollout engine cannot do what was asked (bad prompt, unsupported model, engine died). One line."""
@@ -35,7 +40,7 @@ class RolloutError(UpgrpoError, RuntimeError):
 @dataclass
 class RolloutSample:
     """One response. `routing`: `[response_len, moe_layers, topk]` expert ids at the positions that score the
-    response (int16 to keep large batches small in memory and in transfers; `pad_rollout_batch` returns int64),
+    response (int16, `ROUTING_DTYPE`, to keep large batches small in memory and in transfers),
     or None when capture is off; `prompt_routing`: `[prompt_len - 1, moe_layers, topk]`, the engine's routing of
     the other prompt positions (0 .. prompt_len - 2), set with `routing` (R3 replays both)."""
 
@@ -70,7 +75,7 @@ def pad_rollout_batch(batch: RolloutBatch, response_len: Optional[int] = None, p
       responses         `[batch, response_len]` int64 (pad_token_id after the end)
       response_mask     `[batch, response_len]` int64 (1 = real response token)
       rollout_log_prob  `[batch, response_len]` float32 (0 on padding)
-      rollout_routing   `[batch, response_len, moe_layers, topk]` int64 (-1 on padding); only when the samples
+      rollout_routing   `[batch, response_len, moe_layers, topk]` int16 (-1 on padding); only when the samples
                         carry routing (or num_moe_layers/topk are given: then all -1 where absent)
       prompt_index      `[batch]` int64
     `response_len` defaults to the longest response; longer responses are an error (not silently cut).
@@ -98,7 +103,7 @@ def pad_rollout_batch(batch: RolloutBatch, response_len: Optional[int] = None, p
     else:
         L = k = None
     if L is not None:
-        out["rollout_routing"] = torch.full((B, R, L, k), -1, dtype=torch.long)
+        out["rollout_routing"] = torch.full((B, R, L, k), -1, dtype=ROUTING_DTYPE)
     for i, s in enumerate(samples):
         m = len(s.response_ids)
         if len(s.log_probs) != m:
@@ -109,7 +114,7 @@ def pad_rollout_batch(batch: RolloutBatch, response_len: Optional[int] = None, p
         if L is not None and s.routing is not None:
             if np.shape(s.routing)[0] != m:
                 raise RolloutError(f"sample {i} has {m} response tokens but routing for {np.shape(s.routing)[0]}")
-            out["rollout_routing"][i, :m] = torch.as_tensor(np.asarray(s.routing), dtype=torch.long)
+            out["rollout_routing"][i, :m] = torch.as_tensor(np.asarray(s.routing)).to(ROUTING_DTYPE)
     return out
 
 
@@ -135,7 +140,7 @@ def training_batch(batch: RolloutBatch, prompt_ids: Sequence[Sequence[int]], kee
     prompt_ids: token ids of every prompt, indexed by `RolloutSample.prompt_index`; advantages: `[len(batch)]`
     per sample. Returns input_ids `[n, max_prompt_length + max_response_length]` (prompt + response, right
     padded), prompt_lens `[n]`, response_mask / advantages / rollout_log_prob `[n, R]` float32,
-    rollout_routing `[n, R, moe_layers, topk]` (-1 where not captured) and group `[n]` (the prompt index); with
+    rollout_routing `[n, R, moe_layers, topk]` int16 (-1 where not captured) and group `[n]` (the prompt index); with
     `prompt_routing`, rollout_prompt_routing `[n, max_prompt_length, moe_layers, topk]` int16: row j = the
     engine's routing of prompt position j < prompt_len - 1 (-1 elsewhere and where not captured)."""
     kept = RolloutBatch([batch.samples[i] for i in keep], batch.weight_version)
@@ -153,15 +158,15 @@ def training_batch(batch: RolloutBatch, prompt_ids: Sequence[Sequence[int]], kee
         "rollout_routing": t["rollout_routing"],
         "group": t["prompt_index"],
     }
-    if prompt_routing:  # int16 as captured (R3 widens it where it replays it)
-        pr = torch.full((len(prompts), max_prompt_length, num_moe_layers, topk), -1, dtype=torch.int16)
+    if prompt_routing:
+        pr = torch.full((len(prompts), max_prompt_length, num_moe_layers, topk), -1, dtype=ROUTING_DTYPE)
         for i, s in enumerate(kept.samples):
             if s.prompt_routing is not None and len(s.prompt_routing):
                 rows = np.asarray(s.prompt_routing)
                 if rows.shape[1:] != (num_moe_layers, topk) or len(rows) > max_prompt_length:
                     raise RolloutError(f"sample {keep[i]}: prompt routing of shape {list(rows.shape)}, expected "
                                        f"[< {max_prompt_length}, {num_moe_layers}, {topk}]")
-                pr[i, : len(rows)] = torch.as_tensor(rows.astype(np.int16))
+                pr[i, : len(rows)] = torch.as_tensor(rows).to(ROUTING_DTYPE)
         out["rollout_prompt_routing"] = pr
     return out
 

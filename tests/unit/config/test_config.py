@@ -131,6 +131,7 @@ def test_30b_recipe_carries_the_published_dapo_hyperparameters():
     (["algorithm.overlong_buffer_len=8"], "overlong_buffer_len=8.*must be < data.max_response_length=8"),
     (["model.num_query_groups=3"], "num_query_groups=3.*must divide model.num_attention_heads=4"),
     (["model.moe_router_topk=9"], "moe_router_topk=9.*exceeds model.num_experts=8"),
+    (["model.num_experts=40000"], "model.num_experts=40000.*exceeds 32767: expert ids are stored and sent in 16 bits"),
     (["data.max_response_length=200"], "= 216 .*exceeds model.max_position_embeddings=128"),
     (["actor.ppo_mini_batch_size=32"], "ppo_mini_batch_size=32.*exceeds trainer.prompts_per_step=16"),
     (["actor.ppo_mini_batch_size=6"], "ppo_mini_batch_size=6.*must divide trainer.prompts_per_step=16"),
@@ -382,3 +383,13 @@ def test_allowed_names_come_from_the_registries():
     assert c["algorithm.loss_mode"] == tuple(POLICY_LOSSES) and c["algorithm.kl_loss_type"] == tuple(KL_ESTIMATORS)
     with pytest.raises(ConfigError, match="choose one of .*up_grpo"):
         load_recipe(RECIPE, ["algorithm.loss_mode=not_a_loss"])
+
+
+def test_the_expert_limit_fits_the_routing_dtype():
+    """validate.py's MAX_EXPERTS (pure Python) must fit the step batch's expert-id dtype."""
+    import torch
+
+    from upgrpo_megatron.config.validate import MAX_EXPERTS
+    from upgrpo_megatron.rollout.batch import ROUTING_DTYPE
+
+    assert MAX_EXPERTS <= torch.iinfo(ROUTING_DTYPE).max
