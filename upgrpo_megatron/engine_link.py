@@ -15,7 +15,7 @@ Placement (`rollout/placement.py`): one engine per data-parallel replica of the 
 On CPU an independent vLLM engine per TP group (driven by its TP rank 0); on GPU vLLM's `external_launcher`
 engine spanning `rollout.tp` ranks, run inside the trainer processes. Engine k generates the prompts
 k, k + E, ... of the step, seeded by global prompt index, and the ranks exchange their shards in engine order
-(`all_gather_object`), so every rank holds the whole batch and a seeded step gives the same batch for any
+(one broadcast per engine, through host memory), so every rank holds the whole batch and a seeded step gives the same batch for any
 number of engines.
 
 Engines start on dummy weights (`load_format="dummy"`, only a config.json on disk) and receive the actor's
@@ -55,6 +55,23 @@ def all_gather_objects(obj) -> list:
     return out
 
 
+def objects_from(sources: Sequence[int], obj, group=None) -> list:
+    """The object of each rank in `sources`, in that order, on every rank: one `broadcast_object_list` per
+    source. Each rank receives every source's object once and holds one pickled object at a time, where
+    `all_gather_object` pads every rank's object to the largest and receives world x that at once (with a TP
+    engine, every rank of the engine's group counts). With a gloo `group` the bytes stay in host memory."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = []
+    for src in sources:
+        box = [obj if dist.get_rank() == src else None]
+        dist.broadcast_object_list(box, src=src, group=group)
+        out.append(box[0])
+    return out
+
+
 class RolloutClient:
     def __init__(self, cfg, tokenizer, run_dir: Path):
         self.cfg = cfg
@@ -65,6 +82,7 @@ class RolloutClient:
         self.weight_version = 0
         self.last_sync = None  # SyncStats of the latest sync on this rank
         self._told_routing = False
+        self._host_group = None  # a gloo group for the rollout's exchange when the default one is NCCL
 
     # --------------------------------------------------------------------------------------------- layout
     def _build_placement(self):
@@ -107,6 +125,9 @@ class RolloutClient:
         from upgrpo_megatron.rollout import RolloutError
 
         self.placement = self._build_placement()
+        from upgrpo_megatron.megatron.parallel import host_twin
+
+        self._host_group = host_twin(torch.distributed.group.WORLD)  # on gloo: samples travel in host memory
         err = None
         if self.placement.is_driver(rank()):
             try:
@@ -207,12 +228,14 @@ class RolloutClient:
         if me == 0 and not self._told_routing and self.engine is not None and out is not None:
             console.say(f"rollout routing: {self.engine.routing_source}")
             self._told_routing = True
-        reports = all_gather_objects(err if err is not None else (out if me == p.leader(k) else None))
-        failed = [(i, e) for i, e in enumerate(reports) if isinstance(e, Exception)]
+        failed = [(i, e) for i, e in enumerate(all_gather_objects(err)) if e is not None]
         if failed:
             i, e = failed[0]
             raise TrainingStopped(f"rollout engine failed{self._engine_name(i)}: {e}", before_update=True)
-        return merge_rank_batches([reports[p.leader(e)] for e in range(p.num_engines)], len(prompt_ids))
+        # the engines' shares, in engine order, through host memory (README, Scale-out: the step batch)
+        shares = objects_from([p.leader(e) for e in range(p.num_engines)], out if me == p.leader(k) else None,
+                              group=self._host_group)
+        return merge_rank_batches(shares, len(prompt_ids))
 
 
 class ActorWeights:

@@ -51,9 +51,9 @@ def step_batch_bytes(cfg: RecipeConfig, layout: Layout) -> Dict[str, float]:
       (response mask, advantages, rollout and pi_old log-probs, entropy)
     - routing_gpu: during pi_old, this rank's rows of the routing (and of the replayed routing) on the GPU, plus
       the all-gather's receive buffers for every data-parallel rank's rows
-    - exchange: the rollout's `all_gather_object` (engine_link.generate): torch pads every rank's pickled
-      object to the largest, one engine's share of the samples, and receives world x that on the collective
-      device (the GPU under NCCL); counted as the samples' routing plus ~14 bytes per token of ids and log-probs
+    - exchange (host, transient): the rollout's exchange (engine_link.generate: one broadcast per engine over a
+      gloo group) holds one engine's share of the samples pickled at a time, on top of the samples already
+      received; counted as that share's routing plus ~14 bytes per token of ids and log-probs
     n = prompts_per_step x rollout.n, P = max_prompt_length, R = max_response_length. The tensors' figures are
     checked against the tensors the trainer builds at one rank (tests/unit/megatron/test_step_batch_size.py);
     the gathers' buffers follow from the code, not from a run. Not counted: the reference policy's log-probs and
@@ -76,7 +76,7 @@ def step_batch_bytes(cfg: RecipeConfig, layout: Layout) -> Dict[str, float]:
     # pi_old gathers the trainer's routing [R rows], then the replayed routing [P + R rows]: the larger receive
     gather = layout.dp * n_local * max(R, replay_rows) * ids * b if layout.dp > 1 else 0
     share = math.ceil(n / engine_placement(cfg, layout).num_engines)  # samples of one engine
-    exchange = layout.world_size * share * (samples + 14 * R) if layout.world_size > 1 else 0
+    exchange = share * (samples + 14 * R) if layout.world_size > 1 else 0
     return {"samples": n, "samples_local": n_local, "routing_tensors": n * tensors, "routing_samples": n * samples,
             "routing_host": n * (tensors + samples), "other_host": n * ((P + R) * 8 + 16 + 5 * R * 4),
             "routing_gpu": n_local * gpu_rows * ids * b + gather, "exchange": exchange}
@@ -93,13 +93,13 @@ def format_step_batch(cfg: RecipeConfig, b: Dict[str, float], gpu_mem_gib: Optio
              f"  host other   {b['other_host'] / gib:11.2f} GiB  token ids, masks, advantages, log-probs",
              f"  GPU routing  {b['routing_gpu'] / gib:11.2f} GiB  during pi_old: {b['samples_local']} local rows' "
              f"routing + the all-gather of the trainer's routing from every rank",
-             f"  exchange     {b['exchange'] / gib:11.2f} GiB  the rollout's all_gather_object: world x one engine's "
-             f"share, pickled, on the collective device (GPU under NCCL)"]
-    host = b["routing_host"] + b["other_host"]
-    gpu = max(b["routing_gpu"], b["exchange"])
+             f"  exchange     {b['exchange'] / gib:11.2f} GiB  host, for a moment: one engine's share of the rollout, "
+             f"pickled, while every rank receives the shares"]
+    host = b["routing_host"] + b["other_host"] + b["exchange"]
+    gpu = b["routing_gpu"]
     if host > HOST_WARN_BYTES or (gpu_mem_gib is not None and gpu > 0.1 * gpu_mem_gib * gib):
         lines.append(f"warning: the step batch needs {host / gib:.0f} GiB of host memory on every rank and up to "
-                     f"{gpu / gib:.0f} GiB of GPU memory (pi_old, the rollout's exchange): the trainer cannot run this "
+                     f"{gpu / gib:.0f} GiB of GPU memory (pi_old): the trainer cannot run this "
                      f"recipe at this size yet (README, Scale-out, 'Known limit'); lower trainer.prompts_per_step, "
                      f"rollout.n or data.max_response_length")
     return "\n".join(lines)

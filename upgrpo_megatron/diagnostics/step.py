@@ -138,9 +138,10 @@ class StepDiagnostics:
     def drift_collector(self, epoch: int):
         """Callback `(micro_batch, routing_at_pi_theta or None, log_prob_at_pi_theta)` for the update loop."""
         def collect(mb, routing: Optional[torch.Tensor], log_prob: torch.Tensor) -> None:
-            self._drift.append({"epoch": epoch, "routing": routing, "old_routing": mb.get("routing"),
-                                "log_prob": log_prob.detach(), "old_log_prob": mb["old_log_prob"],
-                                "mask": mb["response_mask"], "adv": mb["advantages"]})
+            host = lambda t: None if t is None else t.detach().cpu()  # noqa: E731 (kept for the whole update)
+            self._drift.append({"epoch": epoch, "routing": host(routing), "old_routing": host(mb.get("routing")),
+                                "log_prob": host(log_prob), "old_log_prob": host(mb["old_log_prob"]),
+                                "mask": host(mb["response_mask"]), "adv": host(mb["advantages"])})
         return collect
 
     def finish_drift(self, step: int) -> Metrics:

@@ -135,7 +135,8 @@ class MegatronActor:
         r = routing_full.permute(1, 0, 2, 3)  # [seq, batch, layers, k]: megatron is sequence-first
         if self.sequence_parallel and self.tp > 1:
             r = torch.chunk(r, self.tp, dim=0)[ps.get_tensor_model_parallel_rank()]
-        return [r[:, :, layer].reshape(-1, r.shape[-1]).long() for layer in range(r.shape[2])]  # int64 for the router
+        dev = _device_of(self.model)  # int64 on the model's device, as megatron's router wants them
+        return [r[:, :, layer].reshape(-1, r.shape[-1]).to(dev, torch.long) for layer in range(r.shape[2])]
 
     def _recorded_routing(self, batch: int, seq: int) -> torch.Tensor:
         """Recorded top-k per MoE layer -> [batch, seq, layers, k] in `ROUTING_DTYPE` (int16)."""
@@ -201,12 +202,13 @@ class MegatronActor:
         out: Dict[str, torch.Tensor] = {}
 
         def put(key: str, rows: torch.Tensor, value: torch.Tensor, shape: tuple) -> None:
+            # results collect in host memory, as the batch does (a GPU holds one micro-batch's at a time)
             if key not in out:
-                out[key] = torch.zeros((n, *shape), dtype=value.dtype, device=value.device)
+                out[key] = torch.zeros((n, *shape), dtype=value.dtype)
                 if key == "full_routing":  # past a cut: a valid top-k (experts 0..k-1), in case it is replayed
-                    out[key].copy_(torch.arange(shape[-1], dtype=value.dtype, device=value.device).expand_as(out[key]))
+                    out[key].copy_(torch.arange(shape[-1], dtype=value.dtype).expand_as(out[key]))
             real = rows >= 0
-            out[key][rows[real], : value.shape[1]] = value[real]
+            out[key][rows[real], : value.shape[1]] = value[real].cpu()
 
         for rows, mb in micro_batches(batch, micro_batch_size, self.micro_batch_tokens):
             replay = mb[replay_key] if replay_key else None
@@ -256,7 +258,9 @@ class MegatronActor:
         dp = ps.get_data_parallel_world_size()
         metrics: Dict[str, list] = {}
         finite = True
+        device = _device_of(self.model)
         for mb in micro_batches:
+            mb = {k: v.to(device) for k, v in mb.items()}  # from host memory, one micro-batch at a time
             R = mb["response_mask"].shape[1]
             replay = mb[replay_key] if replay_key else None
             lp, ent, routing = self.forward(mb["input_ids"], mb["prompt_lens"], R,
@@ -321,7 +325,9 @@ def score_responses(model, ids: torch.Tensor, prompt_lens: torch.Tensor, respons
     """Log-prob and entropy `[batch, response_len]` of each response token under `model`.
 
     ids: `[batch, seq]` prompt + response, right-padded (seq already a multiple of the SP split). Response
-    token t of row i is scored by the logits at input position prompt_lens[i] - 1 + t."""
+    token t of row i is scored by the logits at input position prompt_lens[i] - 1 + t. The step's batch lives in
+    host memory: `ids` go to the model's device here, one micro-batch at a time; the results stay there."""
+    ids = ids.to(_device_of(model))
     pos = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0).expand_as(ids)
     # next-token targets for every position (the last one scores a pad and is never read)
     targets = torch.nn.functional.pad(ids[:, 1:], (0, 1))
@@ -329,6 +335,10 @@ def score_responses(model, ids: torch.Tensor, prompt_lens: torch.Tensor, respons
     lp_all, ent_all = out[:, :-1, 0], out[:, :-1, 1]  # [batch, seq_padded - 1]
     score_pos = scoring_positions(prompt_lens.to(ids.device), response_len, lp_all.shape[1])
     return lp_all.gather(1, score_pos), ent_all.gather(1, score_pos)
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
 
 
 def split_micro_batches(batch: Batch, index: torch.Tensor, micro_batch_size: int,

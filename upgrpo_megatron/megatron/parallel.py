@@ -91,9 +91,25 @@ def init_model_parallel(sizes: ParallelSizes, seed: int = 1234, backend: str = "
 
 
 def data_parallel() -> DataParallel:
-    """This rank's data-parallel group, as the trainer's row split sees it."""
+    """This rank's data-parallel group, as the trainer's row split sees it: the step's batch lives in host
+    memory, so its rows are gathered over gloo (megatron's NCCL group on GPU gets a gloo twin). Collective."""
     return DataParallel(parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(),
-                        parallel_state.get_data_parallel_group())
+                        host_twin(parallel_state.get_data_parallel_group()))
+
+
+def host_twin(group):
+    """`group` itself when it runs on gloo, else a gloo group of the same ranks. Collective over the world: every
+    rank creates every twin, in one order (torch.distributed.new_group's rule)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1 or dist.get_backend(group) == "gloo":
+        return group
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, dist.get_process_group_ranks(group))
+    mine = None
+    for ranks in sorted({tuple(r) for r in everyone}):
+        g = dist.new_group(list(ranks), backend="gloo")
+        if dist.get_rank() in ranks:
+            mine = g
+    return mine
 
 
 def destroy() -> None:

@@ -49,7 +49,7 @@ class ReferencePolicy:
             ids = pad_sequence_dim(mb["input_ids"], self.split)
             lp = score_responses(self.module, ids, mb["prompt_lens"], out.shape[1])[0]
             real = rows >= 0
-            out[rows[real]] = lp[real].to(out.dtype)
+            out[rows[real]] = lp[real].to(out.device, out.dtype)
         return out
 
     def save(self, path: Path) -> None:

@@ -45,8 +45,15 @@ def test_a_tokens_routing_and_its_log_prob_come_from_the_same_position_at_mixed_
     B, S, R, L, K = 3, 9, 4, 2, 2
     prompt_lens = torch.tensor([2, 5, 3])
 
-    def model(ids, pos, mask, labels):  # "log-prob" and "entropy" of every position = the position itself
-        return torch.stack([pos.float(), pos.float()], dim=-1)
+    class Model(torch.nn.Module):  # "log-prob" and "entropy" of every position = the position itself
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))  # where the model lives: the ids are moved there
+
+        def forward(self, ids, pos, mask, labels):
+            return torch.stack([pos.float(), pos.float()], dim=-1)
+
+    model = Model()
 
     lp, _ = score_responses(model, torch.zeros(B, S, dtype=torch.long), prompt_lens, R)
     assert lp[0].tolist() == [1.0, 2.0, 3.0, 4.0]  # token t of a 2-token prompt: scored at position 1 + t
