@@ -15,8 +15,8 @@ Placement (`rollout/placement.py`): one engine per data-parallel replica of the 
 On CPU an independent vLLM engine per TP group (driven by its TP rank 0); on GPU vLLM's `external_launcher`
 engine spanning `rollout.tp` ranks, run inside the trainer processes. Engine k generates the prompts
 k, k + E, ... of the step, seeded by global prompt index, and the ranks exchange their shards in engine order
-(one broadcast per engine, through host memory), so every rank holds the whole batch and a seeded step gives the same batch for any
-number of engines.
+(one broadcast per engine, through host memory), so every rank holds the whole batch and a seeded step gives
+the same batch for any number of engines.
 
 Engines start on dummy weights (`load_format="dummy"`, only a config.json on disk) and receive the actor's
 weights through the same in-memory sync as every later step: no checkpoint is written for them, and each
