@@ -28,7 +28,7 @@ def dry_run(cfg: RecipeConfig, world_size: Optional[int], gpu_mem_gib: Optional[
         text += (f"\nwarning: the per-GPU peak ({mem['total'] / 1024**3:.1f} GiB) exceeds --gpu-mem-gib "
                  f"{gpu_mem_gib:g}: lower rollout.kv_cache_gib or actor.micro_batch_size, or raise parallel.tp / "
                  f"parallel.ep / rollout.tp")
-    text += "\n" + format_step_batch(cfg, step_batch_bytes(cfg, layout), gpu_mem_gib)
+    text += "\n" + format_step_batch(cfg, step_batch_bytes(cfg, layout, mem.get("placement")), gpu_mem_gib)
     return text
 
 
@@ -36,7 +36,7 @@ def dry_run(cfg: RecipeConfig, world_size: Optional[int], gpu_mem_gib: Optional[
 HOST_WARN_BYTES = 64 * 1024**3
 
 
-def step_batch_bytes(cfg: RecipeConfig, layout: Layout) -> Dict[str, float]:
+def step_batch_bytes(cfg: RecipeConfig, layout: Layout, placement=None) -> Dict[str, float]:
     """Bytes of one RL step's batch as the trainer builds it today, at full size (every sample kept; the
     tensors are padded to max_prompt_length + max_response_length whatever the lengths).
 
@@ -49,8 +49,11 @@ def step_batch_bytes(cfg: RecipeConfig, layout: Layout) -> Dict[str, float]:
       (counted here at full length: R rows, and P - 1 prompt rows under R3)
     - other_host: input_ids `[n, P + R]` int64, prompt_lens and group `[n]` int64, five float32 `[n, R]`
       (response mask, advantages, rollout and pi_old log-probs, entropy)
-    - routing_gpu: during pi_old, this rank's rows of the routing (and of the replayed routing) on the GPU, plus
-      the all-gather's receive buffers for every data-parallel rank's rows
+    - routing_pi_old (host, during pi_old): this rank's rows of the trainer's routing (and of the replayed
+      routing), as the pi_old pass returns them, plus the gather's receive buffers for every data-parallel rank's
+      rows (over a gloo group: `megatron.parallel.host_twin`)
+    - routing_gpu: one micro-batch's routing on the device, int64 as megatron records and replays it
+      (actor.micro_batch_size rows x P + R positions; micro_batch_tokens packing caps the tokens instead)
     - exchange (host, transient): the rollout's exchange (engine_link.generate: one broadcast per engine over a
       gloo group) holds one engine's share of the samples pickled at a time, on top of the samples already
       received; counted as that share's routing plus ~14 bytes per token of ids and log-probs
@@ -70,16 +73,20 @@ def step_batch_bytes(cfg: RecipeConfig, layout: Layout) -> Dict[str, float]:
     replay = get_router_replay(cfg.algorithm.router_replay)
     b = ROUTING_DTYPE.itemsize  # bytes per expert id
     replay_rows = P + R if replay.update_key else 0  # per sample, the replayed routing's positions
-    gpu_rows = R + replay_rows  # routing rows per sample on the GPU during pi_old
+    gpu_rows = R + replay_rows  # routing rows per sample that pi_old returns
     tensors = (2 * R + replay_rows + P * replay.needs_prompt_routing) * ids * b
     samples = (R + (P - 1) * replay.needs_prompt_routing) * ids * b
     # pi_old gathers the trainer's routing [R rows], then the replayed routing [P + R rows]: the larger receive
     gather = layout.dp * n_local * max(R, replay_rows) * ids * b if layout.dp > 1 else 0
-    share = math.ceil(n / engine_placement(cfg, layout).num_engines)  # samples of one engine
+    placement = placement or engine_placement(cfg, layout)
+    share = math.ceil(n / placement.num_engines)  # samples of one engine
     exchange = share * (samples + 14 * R) if layout.world_size > 1 else 0
+    a = cfg.actor
+    mb_positions = a.micro_batch_tokens or a.micro_batch_size * (P + R)  # positions of one micro-batch
     return {"samples": n, "samples_local": n_local, "routing_tensors": n * tensors, "routing_samples": n * samples,
             "routing_host": n * (tensors + samples), "other_host": n * ((P + R) * 8 + 16 + 5 * R * 4),
-            "routing_gpu": n_local * gpu_rows * ids * b + gather, "exchange": exchange}
+            "routing_local": n_local * gpu_rows * ids * b, "routing_pi_old": n_local * gpu_rows * ids * b + gather,
+            "routing_gpu": mb_positions * ids * 8, "exchange": exchange}
 
 
 def format_step_batch(cfg: RecipeConfig, b: Dict[str, float], gpu_mem_gib: Optional[float] = None) -> str:
@@ -91,17 +98,19 @@ def format_step_batch(cfg: RecipeConfig, b: Dict[str, float], gpu_mem_gib: Optio
              f"  host routing {b['routing_host'] / gib:11.2f} GiB  expert ids of every sample and position "
              f"(int16), on every rank",
              f"  host other   {b['other_host'] / gib:11.2f} GiB  token ids, masks, advantages, log-probs",
-             f"  GPU routing  {b['routing_gpu'] / gib:11.2f} GiB  during pi_old: {b['samples_local']} local rows' "
-             f"routing + the all-gather of the trainer's routing from every rank",
+             f"  pi_old       {b['routing_pi_old'] / gib:11.2f} GiB  host, for a moment: {b['samples_local']} local "
+             f"rows' routing + the gather of the trainer's routing from every rank",
              f"  exchange     {b['exchange'] / gib:11.2f} GiB  host, for a moment: one engine's share of the rollout, "
-             f"pickled, while every rank receives the shares"]
-    host = b["routing_host"] + b["other_host"] + b["exchange"]
+             f"pickled, while every rank receives the shares",
+             f"  GPU routing  {b['routing_gpu'] / gib:11.2f} GiB  one micro-batch's expert ids (int64) on the device"]
+    host = b["routing_host"] + b["other_host"] + max(b["exchange"], b["routing_pi_old"])
     gpu = b["routing_gpu"]
-    if host > HOST_WARN_BYTES or (gpu_mem_gib is not None and gpu > 0.1 * gpu_mem_gib * gib):
-        lines.append(f"warning: the step batch needs {host / gib:.0f} GiB of host memory on every rank and up to "
-                     f"{gpu / gib:.0f} GiB of GPU memory (pi_old): the trainer cannot run this "
-                     f"recipe at this size yet (README, Scale-out, 'Known limit'); lower trainer.prompts_per_step, "
-                     f"rollout.n or data.max_response_length")
+    gpu_heavy = gpu_mem_gib is not None and gpu > 0.1 * gpu_mem_gib * gib
+    if host > HOST_WARN_BYTES or gpu_heavy:
+        on_gpu = f" and {gpu / gib:.0f} GiB of GPU memory" if gpu_heavy else ""
+        lines.append(f"warning: the step batch needs up to {host / gib:.0f} GiB of host memory on every rank{on_gpu}: "
+                     f"the trainer cannot run this recipe at this size yet (README, Scale-out, 'Known limit'); lower "
+                     f"trainer.prompts_per_step, rollout.n or data.max_response_length")
     return "\n".join(lines)
 
 

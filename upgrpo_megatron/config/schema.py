@@ -14,6 +14,8 @@ from typing import Any, Dict, List, Optional
 
 from upgrpo_megatron.errors import UpgrpoError
 
+ENGINE_CORES = ("auto", "in_process", "subprocess")  # rollout.engine_core (rollout/placement.py)
+
 
 class ConfigError(UpgrpoError, ValueError):
     """A recipe or override is invalid; the message names the key and where it came from."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, Tuple
 
-from upgrpo_megatron.config.schema import ConfigError, RecipeConfig, get_key
+from upgrpo_megatron.config.schema import ENGINE_CORES, ConfigError, RecipeConfig, get_key
 
 MAX_EXPERTS = 2**15 - 1  # expert ids are int16 from the engine's capture to the step batch (rollout/batch.py)
 
@@ -21,7 +21,7 @@ FIXED_CHOICES = {
     "data.task": ("arithmetic", "math"),
     "rollout.engine": ("vllm",),
     "rollout.dtype": ("fp32", "bf16"),
-    "rollout.engine_core": ("auto", "in_process", "subprocess"),  # rollout/placement.py
+    "rollout.engine_core": ENGINE_CORES,
     "actor.lr_schedule": ("constant", "cosine"),
     "algorithm.old_log_prob": ("trainer", "rollout"),
 }

@@ -30,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List
 
-ENGINE_CORES = ("auto", "in_process", "subprocess")  # rollout.engine_core
+from upgrpo_megatron.config.schema import ENGINE_CORES
 
 
 def numa_nodes() -> int:

@@ -57,7 +57,14 @@ def test_step_batch_bytes_are_the_bytes_the_trainer_builds(actor, replay):  # no
     routing = ["rollout_routing", "rollout_prompt_routing", "replay"]
     built = sum(batch[k].nbytes for k in routing if k in batch) + old["routing"].nbytes
     assert est["routing_tensors"] == built
-    assert est["routing_gpu"] == old["routing"].nbytes + (batch["replay"].nbytes if "replay" in batch else 0)
+    assert est["routing_local"] == old["routing"].nbytes + (batch["replay"].nbytes if "replay" in batch else 0)
+    assert est["routing_pi_old"] == est["routing_local"]  # no gather at one rank
+    # on the device: one micro-batch's routing of every position, int64 as megatron records it
+    mb = cfg.actor.micro_batch_size
+    ids = torch.ones(mb, PROMPT + RESPONSE, dtype=torch.long)
+    *_, full = actor._forward(ids, torch.full((mb,), PROMPT), RESPONSE, record_routing=True, replay_routing=None)
+    assert full.shape == (mb, PROMPT + RESPONSE, MODEL["num_layers"], MODEL["moe_router_topk"])
+    assert est["routing_gpu"] == full.numel() * torch.tensor([], dtype=torch.long).element_size()
     real = sum(s.routing.nbytes + (s.prompt_routing.nbytes if strategy.needs_prompt_routing else 0)
                for s in rollout.samples)
     assert 0 < real <= est["routing_samples"]  # an upper bound: counted at full length
