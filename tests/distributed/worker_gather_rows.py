@@ -42,4 +42,5 @@ result["objects"] = [[o["rank"], len(o["routing"]), int(o["routing"].max())] for
 if rank == 0:
     with open(a.out, "w") as f:
         json.dump(result, f)
+dist.barrier()  # no rank tears its connections down while another still uses them (gloo aborts the process)
 dist.destroy_process_group()
