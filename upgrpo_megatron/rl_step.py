@@ -83,6 +83,7 @@ class RLStep:
                                pad_token_id=self.task.tokenizer.pad_token_id,
                                num_moe_layers=self.actor.num_moe_layers, topk=cfg.model.moe_router_topk,
                                prompt_routing=self.replay.needs_prompt_routing)
+        rollout.drop_routing()  # the batch's tensors hold it now: one copy, not two (sizing.step_batch_bytes)
         # 4. pi_old, 5. diagnostics, 6. update, 7. weight sync
         with timer(m, "old_log_prob"):
             self._old_log_prob(batch)

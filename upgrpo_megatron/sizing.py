@@ -74,7 +74,8 @@ def step_batch_bytes(cfg: RecipeConfig, layout: Layout, placement=None) -> Dict[
     b = ROUTING_DTYPE.itemsize  # bytes per expert id
     replay_rows = P + R if replay.update_key else 0  # per sample, the replayed routing's positions
     gpu_rows = R + replay_rows  # routing rows per sample that pi_old returns
-    tensors = (2 * R + replay_rows + P * replay.needs_prompt_routing) * ids * b
+    engine_rows = R + P * replay.needs_prompt_routing  # the engine's routing in the batch, per sample
+    tensors = (engine_rows + R + replay_rows) * ids * b
     samples = (R + (P - 1) * replay.needs_prompt_routing) * ids * b
     # pi_old gathers the trainer's routing [R rows], then the replayed routing [P + R rows]: the larger receive
     gather = layout.dp * n_local * max(R, replay_rows) * ids * b if layout.dp > 1 else 0
@@ -83,9 +84,13 @@ def step_batch_bytes(cfg: RecipeConfig, layout: Layout, placement=None) -> Dict[
     exchange = share * (samples + 14 * R) if layout.world_size > 1 else 0
     a = cfg.actor
     mb_positions = a.micro_batch_tokens or a.micro_batch_size * (P + R)  # positions of one micro-batch
+    pi_old = n_local * gpu_rows * ids * b + gather
+    # the samples' own routing is dropped once training_batch has copied it (rl_step): the peak is the larger of
+    # "samples + what arrives / is being built" and "the whole batch + pi_old's rows and gather in flight"
+    peak = max(n * samples + max(exchange, n * engine_rows * ids * b), n * tensors + pi_old)
     return {"samples": n, "samples_local": n_local, "routing_tensors": n * tensors, "routing_samples": n * samples,
-            "routing_host": n * (tensors + samples), "other_host": n * ((P + R) * 8 + 16 + 5 * R * 4),
-            "routing_local": n_local * gpu_rows * ids * b, "routing_pi_old": n_local * gpu_rows * ids * b + gather,
+            "routing_peak": peak, "other_host": n * ((P + R) * 8 + 16 + 5 * R * 4),
+            "routing_local": n_local * gpu_rows * ids * b, "routing_pi_old": pi_old,
             "routing_gpu": mb_positions * ids * 8, "exchange": exchange}
 
 
@@ -95,15 +100,19 @@ def format_step_batch(cfg: RecipeConfig, b: Dict[str, float], gpu_mem_gib: Optio
     d = cfg.data
     lines = [f"step batch (not in the table above; every rank builds the whole batch: {b['samples']} samples x "
              f"{d.max_prompt_length} + {d.max_response_length} tokens, padded to full length):",
-             f"  host routing {b['routing_host'] / gib:11.2f} GiB  expert ids of every sample and position "
-             f"(int16), on every rank",
-             f"  host other   {b['other_host'] / gib:11.2f} GiB  token ids, masks, advantages, log-probs",
-             f"  pi_old       {b['routing_pi_old'] / gib:11.2f} GiB  host, for a moment: {b['samples_local']} local "
-             f"rows' routing + the gather of the trainer's routing from every rank",
-             f"  exchange     {b['exchange'] / gib:11.2f} GiB  host, for a moment: one engine's share of the rollout, "
+             f"  host routing {b['routing_peak'] / gib:11.2f} GiB  expert ids (int16) at the step's peak, on every "
+             f"rank, from:",
+             f"    batch      {b['routing_tensors'] / gib:11.2f} GiB  every sample's and position's, in the step's "
+             f"tensors",
+             f"    samples    {b['routing_samples'] / gib:11.2f} GiB  the rollout's own copy, until the tensors are "
+             f"built",
+             f"    pi_old     {b['routing_pi_old'] / gib:11.2f} GiB  for a moment: {b['samples_local']} local rows' "
+             f"routing + the gather of the trainer's routing from every rank",
+             f"    exchange   {b['exchange'] / gib:11.2f} GiB  for a moment: one engine's share of the rollout, "
              f"pickled, while every rank receives the shares",
+             f"  host other   {b['other_host'] / gib:11.2f} GiB  token ids, masks, advantages, log-probs",
              f"  GPU routing  {b['routing_gpu'] / gib:11.2f} GiB  one micro-batch's expert ids (int64) on the device"]
-    host = b["routing_host"] + b["other_host"] + max(b["exchange"], b["routing_pi_old"])
+    host = b["routing_peak"] + b["other_host"]
     gpu = b["routing_gpu"]
     gpu_heavy = gpu_mem_gib is not None and gpu > 0.1 * gpu_mem_gib * gib
     if host > HOST_WARN_BYTES or gpu_heavy:

@@ -66,6 +66,11 @@ class RolloutBatch:
     def num_tokens(self) -> int:
         return sum(len(s.response_ids) for s in self.samples)
 
+    def drop_routing(self) -> None:
+        """Forget every sample's routing (once `training_batch` has copied it into the step's tensors)."""
+        for s in self.samples:
+            s.routing = s.prompt_routing = None
+
 
 def pad_rollout_batch(batch: RolloutBatch, response_len: Optional[int] = None, pad_token_id: int = 0,
                       num_moe_layers: Optional[int] = None, topk: Optional[int] = None) -> Dict[str, torch.Tensor]:

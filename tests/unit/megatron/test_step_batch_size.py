@@ -77,7 +77,7 @@ def test_dry_run_warns_where_the_step_batch_outgrows_a_node():
     text = dry_run(cfg, 64)
     assert "step batch" in text and "warning: the step batch needs" in text
     b = step_batch_bytes(cfg, validate_layout(cfg, 64))
-    assert b["routing_host"] > 300 * 1024**3  # 8192 samples x 20480 positions x 48 layers x top-8, int16, 2 + 1
+    assert b["routing_peak"] > 300 * 1024**3  # 8192 samples x 20480 positions x 48 layers x top-8, int16, twice
     per_sample = (cfg.data.max_response_length * 48 * 8 * 2 + 14 * cfg.data.max_response_length)
     assert b["exchange"] == 512 * per_sample  # one engine's 512 samples at a time (not world x 512), on the host
     assert "warning: the step batch" not in dry_run(load_recipe(RECIPE), 1)

@@ -147,6 +147,13 @@ def test_training_batch_carries_the_prompt_routing_only_when_asked():
     pr = training_batch(*args, **kw, prompt_routing=True)["rollout_prompt_routing"]
     assert pr.shape == (2, 4, L, K) and (pr[0, :2] == 3).all() and (pr[0, 2:] == -1).all() and (pr[1] == -1).all()
     assert pr.dtype == torch.int16  # as captured; R3 widens it where it replays it
+    # the step drops the samples' copies once the batch is built (rl_step): the batch must not share their memory
+    batch = training_batch(*args, **kw, prompt_routing=True)
+    args[0].samples[0].routing[:] = 7
+    args[0].samples[0].prompt_routing[:] = 7
+    assert (batch["rollout_routing"][0, :2] == 1).all() and (batch["rollout_prompt_routing"][0, :2] == 3).all()
+    args[0].drop_routing()
+    assert all(s.routing is None and s.prompt_routing is None for s in args[0].samples)
     for bad in (np.zeros((2, L + 1, K), np.int16), np.zeros((5, L, K), np.int16)):  # other layers; too long
         samples[0].prompt_routing = bad
         with pytest.raises(RolloutError, match="prompt routing of shape"):
