@@ -82,6 +82,7 @@ def results_queue_dies_with_us() -> None:
     global _RESULTS_MANAGER
     from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
 
+    _writers_die_with_us(fa)
     if getattr(fa, "_results_queue", "absent") is not None:  # made already (or megatron no longer has it)
         return
     import multiprocessing as mp
@@ -92,6 +93,33 @@ def results_queue_dies_with_us() -> None:
     _RESULTS_MANAGER = SyncManager(ctx=mp.get_context("spawn"))
     _RESULTS_MANAGER.start(initializer=die_with_parent)
     fa._results_queue = _RESULTS_MANAGER.Queue()
+
+
+def _writers_die_with_us(fa) -> None:
+    """megatron forks one writer process per write bucket from the saving thread
+    (`write_preloaded_data_multiproc`). A writer busy when the trainer was SIGKILLed outlived it, blocked on a
+    results queue nobody reads, and kept the multiprocessing resource tracker alive (seen in CI). Wrap the
+    writers' target so each sets a parent-death signal first (in a forked child only; the saving thread is the
+    main one, which lives as long as the trainer)."""
+    import functools
+    import os
+
+    from upgrpo_megatron.parent_death import die_with_parent
+
+    cls = getattr(fa, "FileSystemWriterAsync", None)
+    original = getattr(cls, "write_preloaded_data", None)
+    if original is None or getattr(original, "_dies_with_parent", False):
+        return
+    saver = os.getpid()
+
+    @functools.wraps(original)  # keeps the signature megatron inspects
+    def write_preloaded_data(*args, **kwargs):
+        if os.getpid() != saver:
+            die_with_parent()
+        return original(*args, **kwargs)
+
+    write_preloaded_data._dies_with_parent = True
+    cls.write_preloaded_data = staticmethod(write_preloaded_data)
 
 
 def save_checkpoint(path, module, *, optimizer=None, extra_state: Optional[dict] = None, model_cfg=None,
